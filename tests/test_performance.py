@@ -1,0 +1,443 @@
+import copy, math
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import set_seed
+
+from patchfm.performance import (
+    MEASURES, NoPatchesSeenError, OverlapSuggestion, PatchPerformance, PatchPerformanceCallback,
+    PatchPerformanceTracker, TorchPatchPerformance, distance_to_faces, get_measure, performance_profile,
+    plot_patch_performance, suggest_overlap, windows_for_overlap)
+
+
+def _bce_batch(bs, shape=(4, 4, 4)):
+    pred = torch.full((bs, 1, *shape), 0.5)
+    pred[:, :, :2] = 0.9
+    return pred, torch.ones_like(pred)
+
+
+# ---------------------------------------------------------------- the original's semantics
+
+def test_numeric_example_bce():
+    loss = PatchPerformance.track(nn.BCELoss(), measure='binary_cross_entropy')
+    for bs in (4, 2): loss(*_bce_batch(bs))
+    assert loss.n_patches_seen == 6
+    pmap = loss.calculate_performance()
+    assert pmap.shape == (1, 4, 4, 4)
+    assert torch.allclose(pmap[0, :2], torch.tensor(0.1054), atol=1e-4)
+    assert torch.allclose(pmap[0, 2:], torch.tensor(0.6931), atol=1e-4)
+    assert torch.allclose(pmap[0, :2], torch.tensor(-math.log(0.9)))
+
+
+def test_alias_and_defaults():
+    assert TorchPatchPerformance is PatchPerformance
+    pp = TorchPatchPerformance.track(nn.CrossEntropyLoss())
+    assert pp.measure == 'cross_entropy' and PatchPerformance(nn.CrossEntropyLoss()).measure == 'cross_entropy'
+    logits, targ = torch.randn(2, 3, 4, 4, 4), torch.randint(0, 3, (2, 4, 4, 4))
+    pp(logits, targ)  # the default measure works on multi-class logits
+    assert pp.calculate_performance().shape == (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize('make_loss,measure,n_cls', [
+    (lambda: nn.BCEWithLogitsLoss(), 'binary_cross_entropy_with_logits', 1),
+    (lambda: CrossEntropyLossFlat(axis=1), 'cross_entropy', 3),
+    (lambda: __import__('monai.losses', fromlist=['DiceCELoss']).DiceCELoss(to_onehot_y=True, softmax=True), 'dice_error', 3),
+])
+def test_loss_and_gradients_bit_identical(make_loss, measure, n_cls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 6, 6)
+    targ = torch.rand(2, 1, 6, 6, 6).round() if n_cls == 1 else torch.randint(0, n_cls, (2, 1, 6, 6, 6))
+    net = nn.Conv3d(1, n_cls, 3, padding=1)
+    grads, values = [], []
+    for tracked in (False, True):
+        net.zero_grad()
+        loss = make_loss()
+        if tracked: loss = PatchPerformance.track(loss, measure=measure)
+        value = loss(net(x), targ)
+        value.backward()
+        values.append(value.detach().clone())
+        grads.append([p.grad.clone() for p in net.parameters()])
+        if tracked: assert loss.n_patches_seen == 2
+    assert torch.equal(values[0], values[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_returns_what_the_loss_returns():
+    sentinel = object()
+    pp = PatchPerformance(lambda pred, targ: sentinel, measure='l1')
+    assert pp(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)) is sentinel
+    pp2 = PatchPerformance(lambda input, target: (input - target).abs().sum(), measure='l1')
+    assert pp2(input=torch.zeros(1, 1, 2, 2), target=torch.ones(1, 1, 2, 2)).item() == 4
+    assert torch.equal(pp2.calculate_performance(), torch.ones(1, 2, 2))
+    lenient = PatchPerformance(lambda *args, **kwargs: 0.0, measure='l1')
+    with pytest.raises(TypeError, match='prediction, target'): lenient(torch.zeros(1, 1, 2, 2))
+    with pytest.raises(TypeError, match='callable'): PatchPerformance(3)
+
+
+def test_attribute_fall_through_and_deepcopy():
+    base = CrossEntropyLossFlat(axis=1)
+    pp = PatchPerformance.track(base)
+    logits = torch.randn(2, 3, 4, 4)
+    assert torch.equal(pp.activation(logits), base.activation(logits))
+    assert torch.equal(pp.decodes(logits), base.decodes(logits))
+    assert pp.reduction == 'mean'
+    pp.reduction = 'none'  # written through to the wrapped loss (fastai's `loss_not_reduced` does this)
+    assert base.reduction == 'none' and 'reduction' not in pp.__dict__
+    pp.reduction = 'mean'
+    with pytest.raises(AttributeError): pp.no_such_attribute
+    with pytest.raises(AttributeError): pp.measure = 'l1'  # the measure is fixed at construction
+    pp(logits, torch.randint(0, 3, (2, 4, 4)))
+    clone = copy.deepcopy(pp)
+    assert clone.n_patches_seen == 2 and clone.loss is not base
+    assert torch.equal(clone.calculate_performance(), pp.calculate_performance())
+
+
+def test_usable_as_learner_loss_func():
+    set_seed(0)
+    loss = PatchPerformance.track(CrossEntropyLossFlat(axis=1), measure='cross_entropy')
+    learn = Learner(_tiny_dls(), _tiny_model(), loss_func=loss)
+    with learn.no_logging(): learn.fit(1, 1e-2)
+    assert loss.n_patches_seen == 8 + 4  # training and validation batches
+    with learn.loss_not_reduced(): assert loss.loss.reduction == 'none'  # written through to the wrapped loss
+    assert loss.reduction == 'mean'
+    preds, targs, losses = learn.get_preds(with_loss=True)
+    per_voxel = -preds.gather(1, targs.long()).log()  # unreduced CE from the activated predictions
+    assert torch.allclose(losses, per_voxel.flatten(1).mean(1), atol=1e-5)
+    assert torch.allclose(preds.sum(1), torch.ones(4, 8, 8, 8), atol=1e-5)  # softmax activation fell through
+    assert loss.n_patches_seen == 16
+
+
+def test_error_before_any_call_and_reset():
+    pp = PatchPerformance.track(nn.BCELoss(), measure='binary_cross_entropy')
+    with pytest.raises(NoPatchesSeenError, match='no patches seen'): pp.calculate_performance()
+    assert issubclass(NoPatchesSeenError, RuntimeError)
+    pp(*_bce_batch(3))
+    assert pp.n_patches_seen == 3
+    pp.reset()
+    assert pp.n_patches_seen == 0 and pp.performance_maps() == {}
+    with pytest.raises(NoPatchesSeenError): pp.calculate_performance()
+    pp(*_bce_batch(1))
+    assert pp.n_patches_seen == 1
+    assert torch.allclose(pp.calculate_performance()[0, 0], torch.tensor(-math.log(0.9)))
+
+
+# ---------------------------------------------------------------- measures
+
+def test_measure_values_on_hand_made_tensors():
+    p = torch.tensor([[[0.9, 0.5, 0.2]]])  # (B=1, C=1, 3)
+    t = torch.tensor([[[1.0, 1.0, 0.0]]])
+    assert torch.allclose(MEASURES['binary_cross_entropy'](p, t), torch.tensor([[[-math.log(.9), math.log(2), -math.log(.8)]]]))
+    logit = torch.logit(p)
+    assert torch.allclose(MEASURES['binary_cross_entropy_with_logits'](logit, t), MEASURES['binary_cross_entropy'](p, t), atol=1e-6)
+    assert torch.allclose(MEASURES['l1'](p, t), torch.tensor([[[0.1, 0.5, 0.2]]]))
+    assert torch.equal(MEASURES['l2'](p, t), MEASURES['l1'](p, t))  # the original's 'l2' is |t - p|
+    assert torch.allclose(MEASURES['l2_with_logits'](logit, t), torch.tensor([[[0.1, 0.5, 0.2]]]), atol=1e-6)
+    # a target without its channel axis is accepted when C = 1
+    assert torch.allclose(MEASURES['l1'](p, t[:, 0]), MEASURES['l1'](p, t))
+
+
+def test_l2_alias_tracked_equals_l1():
+    a, b = PatchPerformance(nn.L1Loss(), 'l2'), PatchPerformance(nn.L1Loss(), 'l1')
+    pred, targ = torch.rand(3, 2, 4, 4, 4), torch.rand(3, 2, 4, 4, 4)
+    a(pred, targ); b(pred, targ)
+    assert torch.equal(a.calculate_performance(), b.calculate_performance())
+    assert torch.allclose(a.calculate_performance(), (targ - pred).abs().mean(0))
+
+
+def test_cross_entropy_int_and_one_hot():
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 0.0]]).T.reshape(1, 2, 2, 1)  # (B, C=2, 2, 1)
+    idx = torch.tensor([[1, 0]]).reshape(1, 1, 2, 1)
+    ce = MEASURES['cross_entropy'](logits, idx)
+    # voxel 0: logits (0, ln 3) -> p(class 1) = 3/4; voxel 1: logits (2, 0) -> p(class 0) = e^2/(1+e^2)
+    expected = torch.tensor([-math.log(0.75), -math.log(math.exp(2) / (1 + math.exp(2)))]).reshape(1, 1, 2, 1)
+    assert ce.shape == (1, 1, 2, 1)
+    assert torch.allclose(ce, expected)
+    assert torch.allclose(MEASURES['cross_entropy'](logits, idx[:, 0]), expected)
+    one_hot = F.one_hot(idx[:, 0], 2).movedim(-1, 1)
+    assert torch.allclose(MEASURES['cross_entropy'](logits, one_hot), expected)
+    assert torch.allclose(MEASURES['cross_entropy'](logits, one_hot.float()), expected)
+
+
+def test_cross_entropy_bad_input():
+    with pytest.raises(ValueError, match='C >= 2'): MEASURES['cross_entropy'](torch.randn(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match='target shape'): MEASURES['cross_entropy'](torch.randn(1, 3, 4, 4), torch.zeros(1, 2, 4, 4))
+    with pytest.raises(ValueError, match='target shape'): MEASURES['binary_cross_entropy'](torch.rand(1, 2, 4, 4), torch.ones(1, 1, 4, 4))
+
+
+def test_dice_error_definition():
+    from monai.losses import DiceLoss
+    torch.manual_seed(1)
+    logits, idx = torch.randn(3, 3, 5, 5, 5), torch.randint(0, 3, (3, 1, 5, 5, 5))
+    de = MEASURES['dice_error'](logits, idx)
+    assert de.shape == logits.shape and (de >= 0).all()
+    ref = DiceLoss(to_onehot_y=True, softmax=True, reduction='none')(logits, idx).reshape(3, 3)
+    assert torch.allclose(de.mean((2, 3, 4)), ref, atol=1e-5)
+    # hand-made: one channel, sigmoid; perfect prediction -> 0, empty truth and empty prediction -> 0
+    big = torch.full((1, 1, 2, 2), 50.0)
+    assert torch.allclose(MEASURES['dice_error'](big, torch.ones(1, 1, 2, 2)), torch.zeros(1, 1, 2, 2), atol=1e-6)
+    assert torch.allclose(MEASURES['dice_error'](-big, torch.zeros(1, 1, 2, 2)), torch.zeros(1, 1, 2, 2), atol=1e-6)
+    # p = 0.5 everywhere, t = (1, 0, 0, 0): sum p + sum t = 3; numerators 0.5 each -> e = 4 * 0.5 / 3
+    t = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    assert torch.allclose(MEASURES['dice_error'](torch.zeros(1, 1, 2, 2), t), torch.full((1, 1, 2, 2), 2 / 3), atol=1e-5)
+
+
+def test_callable_measure_and_invalid_measures():
+    pp = PatchPerformance(nn.MSELoss(), measure=lambda p, t: (p - t) ** 2)
+    pred, targ = torch.full((2, 1, 3, 3), 0.5), torch.zeros(2, 1, 3, 3)
+    pp(pred, targ)
+    assert torch.allclose(pp.calculate_performance(), torch.full((1, 3, 3), 0.25))
+    # an element-wise result without a channel axis gets one
+    pp = PatchPerformance(nn.MSELoss(), measure=lambda p, t: ((p - t) ** 2)[:, 0])
+    pp(pred, targ)
+    assert pp.calculate_performance().shape == (1, 3, 3)
+    bad = PatchPerformance(nn.MSELoss(), measure=lambda p, t: ((p - t) ** 2).mean())
+    with pytest.raises(ValueError, match='element-wise'): bad(pred, targ)
+    with pytest.raises(ValueError, match='must be one of'): PatchPerformance(nn.MSELoss(), measure='dice')
+    with pytest.raises(ValueError, match='must be one of'): get_measure(None)
+    with pytest.raises(ValueError, match=r'\(B, C, \*spatial\)'): PatchPerformance(nn.MSELoss(), 'l1')(torch.zeros(4), torch.zeros(4))
+    with pytest.raises(TypeError, match='single tensors'):
+        PatchPerformance(lambda p, t: 0.0, 'l1')([torch.zeros(1, 1, 2, 2)], torch.zeros(1, 1, 2, 2))
+
+
+def test_measure_never_touches_the_graph():
+    seen = {}
+    def spy(p, t):
+        seen['grad'] = torch.is_grad_enabled(); seen['requires_grad'] = p.requires_grad
+        return (p - t).abs()
+    pred = torch.rand(1, 1, 2, 2, requires_grad=True)
+    PatchPerformance(nn.L1Loss(), spy)(pred, torch.zeros(1, 1, 2, 2))
+    assert seen == {'grad': False, 'requires_grad': False}
+
+
+# ---------------------------------------------------------------- per-size maps
+
+def test_one_map_per_patch_size():
+    pp = PatchPerformance.track(nn.BCELoss(), measure='binary_cross_entropy')
+    pp(*_bce_batch(2, (4, 4, 4)))
+    pp(*_bce_batch(3, (6, 4, 4)))
+    pp(*_bce_batch(2, (6, 4, 4)))
+    assert pp.n_patches_seen == 7
+    assert pp.counts == {(4, 4, 4): 2, (6, 4, 4): 5}
+    assert pp.patch_sizes == [(6, 4, 4), (4, 4, 4)]
+    assert pp.calculate_performance().shape == (1, 6, 4, 4)  # the most-seen size
+    assert pp.calculate_performance((4, 4, 4)).shape == (1, 4, 4, 4)
+    assert pp.calculate_performance([4, 4, 4]).shape == (1, 4, 4, 4)
+    maps = pp.performance_maps()
+    assert list(maps) == [(6, 4, 4), (4, 4, 4)]
+    for m in maps.values(): assert torch.allclose(m[0, 2:], torch.tensor(math.log(2)))
+    with pytest.raises(NoPatchesSeenError, match=r'\(8, 8, 8\)'): pp.calculate_performance((8, 8, 8))
+
+
+def test_channel_mismatch_for_same_size_is_an_error():
+    tr = PatchPerformanceTracker(measure=lambda p, t: (p - t).abs())
+    tr.update(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3))
+    with pytest.raises(ValueError, match='channels'): tr.update(torch.zeros(1, 3, 3, 3), torch.zeros(1, 3, 3, 3))
+
+
+# ---------------------------------------------------------------- callback
+
+def _tiny_dls(n_train=8, n_valid=4, size=8, bs=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_train + n_valid, 1, size, size, size, generator=g)
+    ds = list(zip(x, (x > 0.5).long()))
+    return DataLoaders(DataLoader(ds[:n_train], bs=bs, shuffle=True), DataLoader(ds[n_train:], bs=bs), device='cpu')
+
+def _tiny_model(): return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
+
+
+class _EpochSpy:
+    "Callable measure recording in which epoch/mode it was called (through the learner)"
+    def __init__(self): self.calls, self.learn = [], None
+    def __call__(self, p, t):
+        self.calls.append((self.learn.epoch, self.learn.training))
+        return F.cross_entropy(p, t[:, 0].long(), reduction='none')
+
+
+def _fit(cbs, n_epoch=3, seed=0):
+    set_seed(seed)
+    learn = Learner(_tiny_dls(), _tiny_model(), loss_func=CrossEntropyLossFlat(axis=1), cbs=cbs)
+    with learn.no_logging(): learn.fit(n_epoch, 1e-2)
+    return learn
+
+
+def test_callback_records_last_epoch_validation_only():
+    spy = _EpochSpy()
+    cb = PatchPerformanceCallback(measure=spy)
+    set_seed(0)
+    learn = Learner(_tiny_dls(), _tiny_model(), loss_func=CrossEntropyLossFlat(axis=1), cbs=[cb])
+    spy.learn = learn
+    with learn.no_logging(): learn.fit(3, 1e-2)
+    assert spy.calls and set(spy.calls) == {(2, False)}  # last epoch, validation batches
+    assert cb.n_patches_seen == 4
+    assert list(cb.maps) == [(8, 8, 8)]
+    assert cb.calculate_performance().shape == (1, 8, 8, 8)
+    assert cb.calculate_performance().device.type == 'cpu'
+    assert learn.patch_performance is cb and learn.patch_performance.maps is cb.maps
+    # a second fit starts from an empty map
+    with learn.no_logging(): learn.fit(1, 1e-2)
+    assert cb.n_patches_seen == 4
+
+
+def test_callback_chosen_epoch_and_training_batches():
+    spy = _EpochSpy()
+    cb = PatchPerformanceCallback(measure=spy, epochs=[0], on='train')
+    set_seed(0)
+    learn = Learner(_tiny_dls(), _tiny_model(), loss_func=CrossEntropyLossFlat(axis=1), cbs=[cb])
+    spy.learn = learn
+    with learn.no_logging(): learn.fit(3, 1e-2)
+    assert spy.calls and set(spy.calls) == {(0, True)}
+    assert cb.n_patches_seen == 8
+    assert cb.calculate_performance().shape == (1, 8, 8, 8)
+    # 'both' and 'all': every batch of every epoch, accumulated into one map
+    cb2 = PatchPerformanceCallback(measure='dice_error', epochs='all', on='both')
+    _fit([cb2], n_epoch=2)
+    assert cb2.n_patches_seen == 2 * (8 + 4)
+    assert cb2.calculate_performance((8, 8, 8)).shape == (2, 8, 8, 8)
+    with pytest.raises(NoPatchesSeenError): cb2.calculate_performance((4, 4, 4))
+
+
+def test_callback_does_not_change_the_loss():
+    plain = _fit([])
+    cb = PatchPerformanceCallback(epochs='all', on='both')
+    tracked = _fit([cb])
+    assert cb.n_patches_seen == 3 * 12
+    assert [float(v) for v in plain.recorder.losses] == [float(v) for v in tracked.recorder.losses]
+    assert plain.recorder.values == tracked.recorder.values
+    for a, b in zip(plain.model.parameters(), tracked.model.parameters()): assert torch.equal(a, b)
+
+
+def test_callback_bad_arguments():
+    with pytest.raises(ValueError, match="'valid', 'train' or 'both'"): PatchPerformanceCallback(on='validation')
+    with pytest.raises(ValueError, match='epochs'): PatchPerformanceCallback(epochs='last')
+    with pytest.raises(ValueError, match='must be one of'): PatchPerformanceCallback(measure='nope')
+    cb = PatchPerformanceCallback(epochs=[5])
+    with pytest.raises(ValueError, match='not an epoch of this 2-epoch fit'): _fit([cb], n_epoch=2)
+    with pytest.raises(NoPatchesSeenError, match='recorded no patches'): PatchPerformanceCallback().calculate_performance()
+
+
+def test_callback_negative_epoch_index():
+    spy = _EpochSpy()
+    cb = PatchPerformanceCallback(measure=spy, epochs=-2)
+    set_seed(0)
+    learn = Learner(_tiny_dls(), _tiny_model(), loss_func=CrossEntropyLossFlat(axis=1), cbs=[cb])
+    spy.learn = learn
+    with learn.no_logging(): learn.fit(3, 1e-2)
+    assert set(spy.calls) == {(1, False)}
+
+
+# ---------------------------------------------------------------- profile, overlap, windows
+
+def test_distance_to_faces_and_profile():
+    d = distance_to_faces((5, 6))
+    assert d[0].tolist() == [0] * 6 and d[2].tolist() == [0, 1, 2, 2, 1, 0]
+    assert distance_to_faces((5, 5, 5)).max() == 2
+    pmap = torch.from_numpy(distance_to_faces((7, 7, 7))).float()[None] * 2 + 1
+    dist, means = performance_profile(pmap)
+    assert dist.tolist() == [0, 1, 2, 3] and np.allclose(means, [1, 3, 5, 7])
+    two = torch.stack([torch.zeros(7, 7, 7), torch.ones(7, 7, 7)])
+    assert np.allclose(performance_profile(two)[1], 0.5)
+    assert np.allclose(performance_profile(two, channel=1)[1], 1.0)
+    with pytest.raises(ValueError, match='channel'): performance_profile(two, channel=2)
+    with pytest.raises(ValueError, match='channel-first'): performance_profile(torch.zeros(5))
+
+
+def _bordered(b, size=16, border=1.0, plateau=0.2):
+    d = torch.from_numpy(distance_to_faces((size,) * 3))
+    return torch.where(d < b, torch.tensor(border), torch.tensor(plateau))[None]
+
+
+def test_suggest_overlap_rule():
+    flat = suggest_overlap(torch.full((1, 16, 16, 16), 0.3))
+    assert isinstance(flat, OverlapSuggestion)
+    assert flat.border == 0 and flat.overlap == 0 and flat.overlap_per_axis == (0, 0, 0)
+    s3 = suggest_overlap(_bordered(3))
+    assert s3.border == 3 and s3.overlap == 6 and s3.overlap_per_axis == (6, 6, 6)
+    assert s3.fraction == (6 / 16,) * 3 and math.isclose(s3.plateau, 0.2, rel_tol=1e-6)
+    wide = suggest_overlap(_bordered(5))
+    assert wide.overlap == 10 > s3.overlap > flat.overlap
+    # small deviations within the tolerance do not count; relative vs absolute tolerance
+    mild = _bordered(2, border=0.205)
+    assert suggest_overlap(mild, tolerance=0.05).overlap == 0
+    assert suggest_overlap(mild, tolerance=0.001, relative=False).overlap == 4
+    assert suggest_overlap(mild, tolerance=0.01, relative=False).overlap == 0
+
+
+def test_suggest_overlap_caps_and_anisotropy():
+    # degraded everywhere except the very centre -> border reaches the centre, capped at patch - 1
+    # degraded up to the centre: the two innermost distances (6, 7) disagree, so b = 8 and 2b = 16 is capped at 15
+    m = _bordered(7, size=16)
+    s = suggest_overlap(m)
+    assert s.border == 8 and s.overlap == 15 and s.overlap_per_axis == (15, 15, 15)
+    assert suggest_overlap(_bordered(6, size=16), plateau_fraction=0.1).overlap == 12
+    aniso = torch.from_numpy(distance_to_faces((16, 16, 8))).float()[None]
+    aniso = torch.where(aniso < 3, 1.0, 0.2)
+    s = suggest_overlap(aniso)
+    assert s.patch_size == (16, 16, 8) and s.border == 3
+    assert s.overlap_per_axis == (6, 6, 6) and s.overlap == 6 and s.fraction == (6 / 16, 6 / 16, 6 / 8)
+    with pytest.raises(ValueError, match='tolerance'): suggest_overlap(m, tolerance=-1)
+    with pytest.raises(ValueError, match='image_shape'): suggest_overlap(m, image_shape=(64, 64))
+
+
+def test_suggest_overlap_table():
+    s = suggest_overlap(_bordered(3), image_shape=(100, 100, 40))
+    t = s.table
+    assert isinstance(t, pd.DataFrame)
+    assert {'overlap', 'fraction', 'expected_measure', 'suggested', 'windows', 'relative_cost'} <= set(t.columns)
+    assert t.loc[t.suggested, 'overlap'].tolist() == [6]
+    assert t.overlap.tolist() == sorted(t.overlap) and 0 in t.overlap.tolist()
+    for _, row in t.iterrows():
+        assert row.windows == windows_for_overlap((100, 100, 40), (16, 16, 16), int(row.overlap))
+    assert t.windows.is_monotonic_increasing and t.relative_cost.iloc[0] == 1.0
+    # keeping the inner voxels reaches the plateau once overlap // 2 >= b
+    assert math.isclose(t.loc[t.overlap == 6, 'expected_measure'].item(), 0.2, rel_tol=1e-6)
+    assert t.loc[t.overlap == 0, 'expected_measure'].item() > 0.2
+    no_shape = suggest_overlap(_bordered(3), candidates=[0, 2, 40])
+    assert 'windows' not in no_shape.table.columns and no_shape.table.overlap.tolist() == [0, 2, 6, 15]  # + suggested, capped
+
+
+def test_windows_for_overlap_values():
+    assert windows_for_overlap((100,), (32,), 0) == 4          # ceil(68/32) + 1
+    assert windows_for_overlap((100,), (32,), 16) == 6         # ceil(68/16) + 1
+    assert windows_for_overlap((32,), (32,), 16) == 1          # fits in one patch
+    assert windows_for_overlap((20, 40), (32, 32), 0) == 2     # 1 * (ceil(8/32) + 1)
+    assert windows_for_overlap((256, 256, 128), (128, 128, 64)) == 8
+    assert windows_for_overlap((256, 256, 128), (128, 128, 64), 0.5) == 27
+    assert windows_for_overlap((256, 256, 128), (128, 128, 64), (64, 64, 32)) == 27
+    assert windows_for_overlap((100, 100), (32, 32), (0, 16)) == 4 * 6
+    with pytest.raises(ValueError, match='overlap 32 on axis 0'): windows_for_overlap((100,), (32,), 32)
+    with pytest.raises(ValueError, match='same number of axes'): windows_for_overlap((100, 100), (32,), 0)
+    with pytest.raises(ValueError, match='one value per axis'): windows_for_overlap((100, 100), (32, 32), (1, 2, 3))
+    with pytest.raises(ValueError, match='fraction'): windows_for_overlap((100,), (32,), 1.5)
+
+
+def test_plot_patch_performance():
+    s = suggest_overlap(_bordered(3))
+    fig = plot_patch_performance(_bordered(3), suggestion=s)
+    assert isinstance(fig, plt.Figure)
+    axes = [a for a in fig.axes if a.get_label() != '<colorbar>']
+    assert len(axes) == 4
+    line = axes[3].lines[0]
+    assert np.allclose(line.get_ydata(), s.profile)
+    plt.close(fig)
+    fig2 = plot_patch_performance(torch.rand(2, 6, 6), channel=0)
+    assert len([a for a in fig2.axes if a.get_label() != '<colorbar>']) == 2
+    plt.close(fig2)
+    with pytest.raises(ValueError, match='2D or 3D'): plot_patch_performance(torch.rand(1, 3, 3, 3, 3))
+
+
+def test_suggestion_feeds_patch_config():
+    from patchfm.config import PatchConfig
+    s = suggest_overlap(_bordered(3))
+    cfg = PatchConfig(patch_size=list(s.patch_size), patch_overlap=s.overlap)
+    assert cfg.patch_overlap == 6
