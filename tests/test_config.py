@@ -158,3 +158,18 @@ def test_transform_specs():
         transform_from_spec({'name': 'Path', 'kwargs': {}})
     with pytest.raises(TypeError):
         transform_to_spec(lambda x: x)
+
+
+def test_from_dataset_on_demo(tmp_path):
+    from patchfm.demo import make_demo_dataset
+    from patchfm.dataset import MedDataset, suggest_patch_size
+    from patchfm.core import MedMask
+    df = make_demo_dataset(tmp_path, n_cases=4, seed=1)
+    ds = MedDataset(img_list=df.label.tolist(), dtype=MedMask, max_workers=2, progress=False)
+    c = PatchConfig.from_dataset(ds, sampler_type='label', label_probabilities={0: 0.2, 1: 0.4, 2: 0.4})
+    ts = ds.get_suggestion()['target_spacing']
+    assert c.target_spacing == tuple(float(s) for s in ts)
+    assert list(c.patch_size) == list(suggest_patch_size(ds, target_spacing=ts))
+    assert all(p % 16 == 0 for p in c.patch_size) and c.sampler_type == 'label'
+    with pytest.raises(ValueError, match='apply_reorder'):
+        PatchConfig.from_dataset(ds, apply_reorder=False)
