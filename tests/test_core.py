@@ -203,3 +203,15 @@ def test_gridinfo_json_roundtrip():
     assert h.same_grid(g) and h.path == 'x.nii.gz' and h.n_channels == 2 and h.orientation == 'LPS'
     with pytest.raises(ValueError, match='3 spatial'):
         GridInfo((3, 4), np.eye(4))
+
+
+def test_is_exact_regrid_and_identity_restore():
+    ras = _affine((0.8, 0.8, 2.0), 'RAS'); lps = _affine((0.8, 0.8, 2.0), 'LPS')
+    assert is_exact_regrid(ras, ras)
+    flipped = ras.copy(); flipped[:3, 0] *= -1; flipped[:3, 3] += ras[:3, 0] * 9  # same grid, x axis reversed
+    assert is_exact_regrid(ras, flipped)
+    assert not is_exact_regrid(ras, _affine((1.6, 0.8, 2.0), 'RAS'))  # resampled
+    half = ras.copy(); half[:3, 3] += [0.4, 0, 0]
+    assert not is_exact_regrid(ras, half)  # half-voxel shift needs interpolation
+    x = torch.rand(2, 5, 6, 7)
+    assert restore_to_original(x, ras, GridInfo((5, 6, 7), ras)) is x  # nothing to do, no copy
