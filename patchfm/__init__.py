@@ -4,8 +4,13 @@ Modules:
 
 - `patchfm.config`: Every patch-related setting in one validated, immutable, JSON-serialisable object, and the preprocessing pipeline it implies.
 - `patchfm.core`: `MedImage` / `MedMask`, reading and writing through TorchIO, reorientation, resampling, and putting a prediction back onto the original image grid through the affine.
+- `patchfm.data`: Lazy subjects, patch samplers, a background-refilled shuffle buffer and `MedPatchDataLoaders`: real fastai `DataLoaders` that feed random 3D patches to a `Learner`.
+- `patchfm.dataset`: `MedDataset` reads the headers (or, for masks, the voxels) of a set of medical images in parallel and turns them into the numbers a patch-based pipeline is configured from: a target spacing, size statistics after resampling, and a patch size.
+- `patchfm.inference`: `patch_inference(learner, config, file_paths)`: read, preprocess exactly as in training, predict patch by patch, blend on the model's device, and write NIfTI on the original grid.
+- `patchfm.learner`: `save_model` / `load_model`: weights as safetensors plus the PatchConfig, the preprocessing and the model description as JSON, so a trained model can be deployed without unpickling anything.
 - `patchfm.metrics`: `AccumulatedDice` for training, per-case DSC, HD95 (mm), confusion metrics, lesion detection and volume error, and an evaluation table straight from prediction and ground-truth files.
 - `patchfm.models`: `UNet`, `HyperUNet` (every weight generated from the patch size), baking a plain U-Net for one patch size, and the calling protocol that training and inference use for size-conditioned models.
-- `patchfm.performance`: Spatially resolved performance maps of patch predictions, a fastai callback that records them, and an overlap recommendation for sliding-window inference derived from them."""
+- `patchfm.performance`: Spatially resolved performance maps of patch predictions, a fastai callback that records them, and an overlap recommendation for sliding-window inference derived from them.
+- `patchfm.tracking`: A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the PatchConfig, the data split, a loss curve and pickle-free weights), reloading a model from a run, and a manager for the MLflow UI."""
 
 __version__ = "0.1.0"

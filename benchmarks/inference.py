@@ -1,0 +1,195 @@
+"""Inference benchmark: patchfm's file-to-file `patch_inference` against the pure network forward, MONAI and TorchIO.
+
+Run from the repo root:  python benchmarks/inference.py [--quick] [--repeats N]
+
+Every measurement runs in its own subprocess (clean peak RSS, same 2 threads) and is printed as a ratio:
+1. real network (MONAI UNet 16-256, 192x192x160, patch 96^3, overlap 0.5, batch 4): end-to-end file -> NIfTI time
+   over the pure forward of the same 27 patches (target <= 1.10), for patchfm and for MONAI sliding_window_inference
+   with nibabel I/O;
+2. zero-cost model (14 output channels, 256x256x200): whole file-to-file call, patchfm vs MONAI (gaussian) and
+   TorchIO GridSampler + GridAggregator('hann') with the same I/O (target: >= 1.5x faster than MONAI);
+3. peak memory of each call over the pure forward's peak.
+"""
+import argparse, json, os, resource, subprocess, sys, tempfile, time
+from pathlib import Path
+
+THREADS = 2
+
+
+def _setup():
+    import torch
+    torch.set_num_threads(THREADS)
+    return torch
+
+
+def _unet(out_channels=2):
+    from monai.networks.nets import UNet
+    return UNet(spatial_dims=3, in_channels=1, out_channels=out_channels, channels=(16, 32, 64, 128, 256),
+                strides=(2, 2, 2, 2), num_res_units=2, norm='instance').eval()
+
+
+class ZeroCost:
+    "A network that costs nothing (an identity-like 1x1x1 map to 14 channels): the CPU stand-in for a fast GPU"
+    @staticmethod
+    def make(n=14):
+        import torch
+        class Z(torch.nn.Module):
+            def __init__(self):
+                super().__init__(); self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, n).view(1, n, 1, 1, 1))
+            def forward(self, x): return x * self.w
+        return Z().eval()
+
+
+def make_volume(path, shape, seed=0):
+    import numpy as np, nibabel as nib
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(0, 1, shape).astype(np.float32)
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(arr, aff), str(path))
+
+
+def run_forward(args):
+    torch = _setup()
+    from patchfm.grid import patch_grid, extract_patches
+    model = _unet() if args.model == 'unet' else ZeroCost.make()
+    x = torch.randn(1, *args.shape)
+    starts = patch_grid(args.shape, (96,) * 3, 0.5)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(starts), 4): model(extract_patches(x, starts[i:i + 4], (96,) * 3))
+    return time.perf_counter() - t0
+
+
+def run_patchfm(args):
+    torch = _setup()
+    from patchfm.config import PatchConfig
+    from patchfm.inference import patch_inference
+    model = _unet() if args.model == 'unet' else ZeroCost.make()
+    cfg = PatchConfig(patch_size=(96, 96, 96), patch_overlap=0.5, aggregation_mode='hann' if args.model == 'zero' else 'gaussian')
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    res = patch_inference(model, cfg, [args.file], save_dir=out, progress=False, return_predictions=False,
+                          overwrite=True, activation=None if args.model == 'zero' else 'auto')
+    assert not res.failed, res.failed
+    return time.perf_counter() - t0
+
+
+def _nib_read(path):
+    import nibabel as nib, numpy as np, torch
+    img = nib.load(path)
+    return torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))[None, None], img.affine
+
+
+def _nib_write(labels, affine, path):
+    import nibabel as nib, numpy as np
+    nib.save(nib.Nifti1Image(labels.numpy().astype(np.uint8), affine), str(path))
+
+
+def run_monai(args):
+    torch = _setup()
+    from monai.inferers import sliding_window_inference
+    model = _unet() if args.model == 'unet' else ZeroCost.make()
+    t0 = time.perf_counter()
+    x, aff = _nib_read(args.file)
+    with torch.no_grad():
+        y = sliding_window_inference(x, (96,) * 3, 4, model, overlap=0.5, mode='gaussian')
+    lab = torch.argmax(y[0], 0)
+    _nib_write(lab, aff, Path(args.out) / 'monai_pred.nii.gz')
+    return time.perf_counter() - t0
+
+
+def run_torchio(args):
+    torch = _setup()
+    import torchio as tio
+    model = _unet() if args.model == 'unet' else ZeroCost.make()
+    t0 = time.perf_counter()
+    x, aff = _nib_read(args.file)
+    subject = tio.Subject(image=tio.ScalarImage(tensor=x[0], affine=aff))
+    sampler = tio.inference.GridSampler(subject, (96,) * 3, (48,) * 3)
+    agg = tio.inference.GridAggregator(sampler, overlap_mode='hann')
+    loader = torch.utils.data.DataLoader(sampler, batch_size=4)
+    with torch.no_grad():
+        for b in loader: agg.add_batch(model(b['image'][tio.DATA]), b[tio.LOCATION])
+    lab = torch.argmax(agg.get_output_tensor(), 0)
+    _nib_write(lab, aff, Path(args.out) / 'torchio_pred.nii.gz')
+    return time.perf_counter() - t0
+
+
+def run_fastmonai(args):
+    torch = _setup()
+    from fastMONAI.vision_patch import patch_inference as fm_patch_inference, PatchConfig as FMConfig
+    model = _unet() if args.model == 'unet' else ZeroCost.make()
+    cfg = FMConfig(patch_size=[96, 96, 96], patch_overlap=0.5, aggregation_mode='hann', apply_reorder=True)
+    t0 = time.perf_counter()
+    fm_patch_inference(model, cfg, [str(args.file)], sw_batch_size=4, progress=False, save_dir=str(Path(args.out) / 'fm'))
+    return time.perf_counter() - t0
+
+
+RUNNERS = dict(forward=run_forward, patchfm=run_patchfm, monai=run_monai, torchio=run_torchio, fastmonai=run_fastmonai)
+
+
+def child(args):
+    secs = RUNNERS[args.run](args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
+    print(json.dumps(dict(seconds=secs, peak_mib=peak)))
+
+
+def measure(run, model, shape, file, out, repeats):
+    best = None
+    for _ in range(repeats):
+        cmd = [sys.executable, __file__, '--run', run, '--model', model, '--shape', ','.join(map(str, shape)),
+               '--file', str(file), '--out', str(out)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if p.returncode:
+            return dict(error=(p.stderr.strip().splitlines() or ['?'])[-1])
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        best = r if best is None or r['seconds'] < best['seconds'] else best
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--run'); ap.add_argument('--model', default='unet'); ap.add_argument('--shape')
+    ap.add_argument('--file'); ap.add_argument('--out')
+    ap.add_argument('--quick', action='store_true', help='smaller volumes (for a smoke run)')
+    ap.add_argument('--repeats', type=int, default=2, help='best of N runs per measurement')
+    args = ap.parse_args()
+    if args.run:
+        args.shape = tuple(int(v) for v in args.shape.split(','))
+        return child(args)
+    try:
+        import fastMONAI  # noqa
+        has_fm = True
+    except ImportError: has_fm = False
+    tmp = Path(tempfile.mkdtemp())
+    real_shape = (128, 128, 112) if args.quick else (192, 192, 160)
+    zero_shape = (160, 160, 128) if args.quick else (256, 256, 200)
+    make_volume(tmp / 'real.nii.gz', real_shape); make_volume(tmp / 'zero.nii.gz', zero_shape, 1)
+    print(f"python benchmarks/inference.py{' --quick' if args.quick else ''}  ({THREADS} threads, best of {args.repeats})")
+    print(f"\n1. MONAI UNet 16-256 on {real_shape}, patch 96^3, overlap 0.5, batch 4 (file -> NIfTI)")
+    fwd = measure('forward', 'unet', real_shape, tmp / 'real.nii.gz', tmp, args.repeats)
+    print(f"   pure network forward: {fwd['seconds']:.2f} s (peak {fwd['peak_mib']:.0f} MiB)")
+    rows = {}
+    for run in ['patchfm', 'monai'] + (['fastmonai'] if has_fm else []):
+        r = measure(run, 'unet', real_shape, tmp / 'real.nii.gz', tmp, args.repeats); rows[run] = r
+        if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
+        print(f"   {run:8s}: {r['seconds']:.2f} s = {r['seconds'] / fwd['seconds']:.3f} x forward (target <= 1.10); "
+              f"peak {r['peak_mib']:.0f} MiB = {r['peak_mib'] / fwd['peak_mib']:.2f} x forward's")
+    if not has_fm: print("   fastMONAI: not installed, skipped")
+    print(f"\n2. zero-cost model, 14 channels, {zero_shape}, patch 96^3, overlap 0.5 (file -> NIfTI)")
+    zf = measure('forward', 'zero', zero_shape, tmp / 'zero.nii.gz', tmp, 1)
+    z = {run: measure(run, 'zero', zero_shape, tmp / 'zero.nii.gz', tmp, args.repeats)
+         for run in ['patchfm', 'monai', 'torchio'] + (['fastmonai'] if has_fm else [])}
+    for run, r in z.items():
+        if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
+        print(f"   {run:8s}: {r['seconds']:.2f} s; peak {r['peak_mib']:.0f} MiB ({r['peak_mib'] / zf['peak_mib']:.2f} x forward's)")
+    pf = z['patchfm']
+    if 'error' not in pf:
+        for run in ('monai', 'torchio', 'fastmonai'):
+            if run in z and 'error' not in z[run]:
+                print(f"   patchfm is {z[run]['seconds'] / pf['seconds']:.2f}x faster than {run}")
+
+
+if __name__ == '__main__':
+    main()
