@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/all.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #41f8774f
+# %% ../nbs/99_all.ipynb #93ae918b
 import torchio as tio
 from torchio.transforms import (ZNormalization, RescaleIntensity, Clamp, Resample, ToCanonical, CropOrPad, RandomAffine,
     RandomElasticDeformation, RandomFlip, RandomGamma, RandomBiasField, RandomBlur, RandomNoise, RandomMotion,
@@ -23,19 +23,20 @@ from .losses import *
 from .metrics import *
 from .models import *
 from .inference import *
+from .patchsize import *
 from .learner import *
 from .performance import *
 from .tracking import *
 from .plot import *
 from .demo import *
 
-# %% ../nbs/99_all.ipynb #26c8a160
+# %% ../nbs/99_all.ipynb #12fde72f
 import patchfm.core, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.data, patchfm.losses, patchfm.metrics
-import patchfm.models, patchfm.inference, patchfm.learner, patchfm.performance, patchfm.tracking, patchfm.plot, patchfm.demo
+import patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.learner, patchfm.performance, patchfm.tracking, patchfm.plot, patchfm.demo
 __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'ToCanonical', 'CropOrPad', 'RandomAffine',
            'RandomElasticDeformation', 'RandomFlip', 'RandomGamma', 'RandomBiasField', 'RandomBlur', 'RandomNoise',
            'RandomMotion', 'RandomGhosting', 'RandomSpike', 'RandomAnisotropy', 'OneOf'] + [n for m in (patchfm.core, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.data, patchfm.losses,
-                                 patchfm.metrics, patchfm.models, patchfm.inference, patchfm.learner, patchfm.performance,
+                                 patchfm.metrics, patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.learner, patchfm.performance,
                                  patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]
 import fastai.basics, fastai.callback.all
 __all__ += [n for n in dir(fastai.basics) if not n.startswith('_')] + [n for n in dir(fastai.callback.all) if not n.startswith('_')]

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (patches Learner.fit_one_cycle)
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
@@ -441,3 +442,82 @@ def test_suggestion_feeds_patch_config():
     s = suggest_overlap(_bordered(3))
     cfg = PatchConfig(patch_size=list(s.patch_size), patch_overlap=s.overlap)
     assert cfg.patch_overlap == 6
+
+
+# ---------------------------------------------------------------- validation: border effects of patch models
+# The label of a voxel is the sign of a smoothing of the image over a 7^3 neighbourhood (receptive-field radius
+# R = 3) computed on the whole volume; a patch model with zero padding cannot see the neighbours outside its patch,
+# so its predictions are wrong more often within R voxels of the patch faces: the effect patch maps are meant to show.
+
+_R = 3
+
+
+def _box_stack(k=1000.0, padding=1):
+    "Three 3^3 mean filters (receptive-field radius 3) and a head giving logits (-k m, k m) of the smoothed image m"
+    convs = [nn.Conv3d(1, 1, 3, padding=padding, bias=False) for _ in range(_R)]
+    for c in convs: nn.init.constant_(c.weight, 1 / 27)
+    head = nn.Conv3d(1, 2, 1)
+    with torch.no_grad(): head.weight.copy_(torch.tensor([-k, k]).view(2, 1, 1, 1, 1)); head.bias.zero_()
+    return nn.Sequential(*convs, head)
+
+
+def _context_patches(n, seed, size=40, patch=16):
+    "`n` (image, label) patches of one noise volume; labels from the full volume (real context beyond the patch)"
+    g = torch.Generator().manual_seed(seed)
+    vol = torch.randn(1, 1, size, size, size, generator=g)
+    with torch.no_grad(): smooth = _box_stack(padding=0)[:_R](vol)[0, 0]  # valid part: voxel i <-> vol[i + R]
+    items = []
+    for _ in range(n):
+        s = torch.randint(_R, size - _R - patch + 1, (3,), generator=g).tolist()
+        x = vol[0, :, s[0]:s[0] + patch, s[1]:s[1] + patch, s[2]:s[2] + patch].clone()
+        y = smooth[s[0] - _R:s[0] - _R + patch, s[1] - _R:s[1] - _R + patch, s[2] - _R:s[2] - _R + patch] > 0
+        items.append((x, y.long()[None]))
+    return items
+
+
+def _context_dls(n_train, n_valid, bs, **kw):
+    return DataLoaders(DataLoader(_context_patches(n_train, 1, **kw), bs=bs, shuffle=True),
+                       DataLoader(_context_patches(n_valid, 2, **kw), bs=bs), device='cpu')
+
+
+def test_border_effect_model_map_and_overlap():
+    "A model without context beyond its patch: exact inside, wrong near the faces; the map and the rule find R"
+    cb = PatchPerformanceCallback()  # cross-entropy, validation batches of the last epoch
+    loss = PatchPerformance.track(CrossEntropyLossFlat(axis=1))
+    learn = Learner(_context_dls(4, 8, bs=4), _box_stack(), loss_func=loss, cbs=[cb])
+    with learn.no_logging(): learn.fit(1, 0.0)  # lr 0: the fixed model is not changed
+    pmap = cb.calculate_performance()
+    assert pmap.shape == (1, 16, 16, 16) and cb.n_patches_seen == 8
+    # the same map through the wrapped loss during `validate` (same model, same validation patches)
+    loss.reset()
+    with learn.no_logging(): learn.validate()
+    assert loss.n_patches_seen == 8 and torch.allclose(loss.calculate_performance(), pmap, atol=1e-5)
+    dist, prof = performance_profile(pmap)
+    assert dist.tolist() == list(range(8))
+    # the model is exact at distance >= R (only near-zero smoothed values cost anything) and wrong at d < R
+    assert prof[_R:].max() < 0.02
+    assert prof[0] > prof[1] > prof[2] > 10 * prof[_R:].max()
+    s = suggest_overlap(pmap, tolerance=0.05, relative=False, image_shape=(40, 40, 40))
+    assert s.border == _R and s.overlap == 2 * _R and s.overlap_per_axis == (6, 6, 6)
+    flat = suggest_overlap(torch.full_like(pmap, float(pmap.mean())), tolerance=0.05, relative=False)
+    assert flat.overlap == 0 < s.overlap
+    assert suggest_overlap(pmap).overlap > suggest_overlap(torch.full_like(pmap, float(pmap.mean()))).overlap
+    t = s.table.set_index('overlap')
+    assert t.loc[6, 'expected_measure'] < 0.02 < t.loc[0, 'expected_measure']
+    assert t.loc[6, 'windows'] > t.loc[0, 'windows'] == windows_for_overlap((40,) * 3, (16,) * 3, 0) == 27
+
+
+def test_trained_model_map_worse_at_faces():
+    "A conv net trained on patches of that task learns the interior better than the faces"
+    set_seed(0)
+    cb = PatchPerformanceCallback()
+    learn = Learner(_context_dls(32, 8, bs=8, size=24, patch=12), nn.Conv3d(1, 2, 7, padding=3),
+                    loss_func=CrossEntropyLossFlat(axis=1), cbs=[cb])
+    with learn.no_logging(): learn.fit_one_cycle(15, 5e-2)
+    pmap = cb.calculate_performance()
+    dist, prof = performance_profile(pmap)
+    assert pmap.shape == (1, 12, 12, 12) and cb.n_patches_seen == 8
+    centre = prof[_R:].mean()
+    assert prof[0] > 2.5 * centre and prof[1] > 1.3 * centre and prof[0] > prof[1] > prof[2]
+    flat = torch.full_like(pmap, float(pmap.mean()))
+    assert suggest_overlap(pmap).overlap > suggest_overlap(flat).overlap == 0
