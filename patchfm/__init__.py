@@ -10,6 +10,7 @@ Modules:
 - `patchfm.learner`: `save_model` / `load_model`: weights as safetensors plus the PatchConfig, the preprocessing and the model description as JSON, so a trained model can be deployed without unpickling anything.
 - `patchfm.metrics`: `AccumulatedDice` for training, per-case DSC, HD95 (mm), confusion metrics, lesion detection and volume error, and an evaluation table straight from prediction and ground-truth files.
 - `patchfm.models`: `UNet`, `HyperUNet` (every weight generated from the patch size), baking a plain U-Net for one patch size, and the calling protocol that training and inference use for size-conditioned models.
+- `patchfm.patchsize`: Train networks that keep working when the inference patch size changes (patch-size augmentation and the size-conditioned `HyperUNet`), and measure Dice as a function of the patch size.
 - `patchfm.performance`: Spatially resolved performance maps of patch predictions, a fastai callback that records them, and an overlap recommendation for sliding-window inference derived from them.
 - `patchfm.tracking`: A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the PatchConfig, the data split, a loss curve and pickle-free weights), reloading a model from a run, and a manager for the MLflow UI."""
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchio as tio
+from fastai.callback.core import Callback
 from fastai.learner import Learner, load_learner
 import fastai.callback.schedule  # Learner.lr_find
 
@@ -175,16 +176,163 @@ def test_same_seed_same_batches_with_and_without_workers(cases):
     b0b = two_epochs(dls_for(cases, cfg, patch_tfms=aug, seed=5).train)
     dl2 = dls_for(cases, cfg, patch_tfms=aug, seed=5, num_workers=2).train
     b2 = list(dl2)
-    assert children() == []  # workers stopped; the next epoch's first subjects were made during the tail:
-    assert len(dl2._carry) == 2 and [tuple(c['key']) for c in dl2._carry] == dl2.keys(1)[:2]
-    b2 += list(dl2)  # epoch 2 starts from the carried items
+    pids = pids_of(children())
+    assert len(pids) == 2  # persistent: the workers outlive the epoch, and the buffer carries over
+    assert len(dl2.stream.buf) >= 4 - 2
+    b2 += list(dl2)
+    assert pids_of(children()) == pids  # the second epoch used the same processes
     other = two_epochs(dls_for(cases, cfg, patch_tfms=aug, seed=6).train)
     same = lambda p, q: len(p) == len(q) and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(p, q))
     assert same(b0, b0b) and same(b0, b2) and not same(b0, other)
-    dl2.release(); assert dl2._carry is None
+    dl2.release()
+    assert dl2.stream is None and children() == []
     dl = dls_for(cases, cfg, seed=5).train  # a new epoch draws new patches
     assert not same(list(dl), list(dl))
     assert children() == []
+
+# ---------------------------------------------------------------- worker lifecycle
+def pids_of(procs): return sorted(p.pid for p in procs)
+
+def test_workers_persist_across_epochs_and_release(cases):
+    dls = dls_for(cases, num_workers=2, valid_pct=0.4)
+    dl = dls.train
+    assert dl.persistent and not dls.valid.persistent and dl.stream is None
+    e1 = list(dl)
+    pids = pids_of(children())
+    assert len(pids) == 2 and len(e1) == len(dl)
+    n1 = dl.stream.n_items
+    assert n1 >= len(dl.subjects_dataset)  # the buffer (queue_length patches) is full at the epoch's end...
+    assert len(dl.stream.buf) >= CFG.queue_length - dl.bs
+    e2 = list(dl)
+    assert pids_of(children()) == pids and len(e2) == len(dl)  # ...and the next epoch continues the same stream
+    assert dl.stream.n_items - n1 == len(dl.subjects_dataset)  # one visit per subject and epoch
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(e1, e2))
+    dls.release()  # workers stop, buffered patches are freed
+    assert children() == [] and dl.stream is None
+    next(iter(dl))  # the next iteration starts new workers
+    assert len(children()) == 2 and pids_of(children()) != pids
+    with dls: pass  # leaving a `with` block releases too
+    assert children() == []
+
+def test_abandoned_iteration_keeps_training_workers(cases):
+    dls = dls_for(cases, num_workers=2)
+    it = iter(dls.train); next(it)
+    pids = pids_of(children())
+    assert len(pids) == 2
+    del it; gc.collect()
+    assert pids_of(children()) == pids  # an abandoned training epoch (lr_find, a cancelled epoch) keeps the stream
+    assert len(list(dls.train)) == len(dls.train) and pids_of(children()) == pids
+    fig = dls.train.show_batch(max_n=2, show=False)  # `one_batch` is made in-process
+    assert len(fig.axes) == 6 and pids_of(children()) == pids
+    del dls; gc.collect()  # garbage collection stops the workers
+    assert children() == []
+
+def test_superseded_iteration_raises(cases):
+    dl = dls_for(cases).train
+    it1 = iter(dl); next(it1)
+    it2 = iter(dl); next(it2)
+    with pytest.raises(RuntimeError, match='superseded'): next(it1)
+    assert len(list(it2)) == len(dl) - 1
+
+def test_validation_workers_per_pass_unless_persistent(cases):
+    dls = dls_for(cases, num_workers=2)
+    ref = list(dls.valid)
+    assert len(ref) == len(dls.valid) and children() == []  # validation workers stop after each pass
+    pdl = dls_for(cases, num_workers=2, persistent_workers=True)
+    assert pdl.valid.persistent and pdl.train.persistent
+    same = lambda p, q: len(p) == len(q) and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(p, q))
+    v1 = list(pdl.valid)
+    pids = pids_of(children())
+    assert len(pids) == 2
+    next(iter(pdl.valid))  # an abandoned validation pass must not shift the next one
+    v2 = list(pdl.valid)
+    v3 = list(pdl.valid)
+    assert same(ref, v1) and same(ref, v2) and same(ref, v3)
+    pdl.release()
+    assert children() == []
+    npd = dls_for(cases, num_workers=2, persistent_workers=False)
+    list(npd.train)
+    assert children() == [] and npd.train.stream is None
+
+def test_shared_slots_account_for_every_patch(cases, monkeypatch):
+    "Workers write patches into shared slots; slots are reused and none leaks, and patches that do not fit travel on their own"
+    cfg = CFG.replace(samples_per_volume=2, queue_length=4)
+    same = lambda p, q: len(p) == len(q) and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(p, q))
+    rdl = dls_for(cases, cfg, seed=1).train
+    ref = [b for _ in range(3) for b in rdl]
+    dl = dls_for(cases, cfg, num_workers=2, seed=1).train
+    got, in_flight = [], 2 * 2 * cfg.samples_per_volume  # 2 workers x prefetch_factor 2 items x 2 patches
+    for _ in range(3):
+        got += list(dl)
+        slab, buffered = dl.stream.slab, [e[2] for e in dl.stream.buf]
+        assert slab is not None and buffered and None not in buffered  # every buffered patch sits in a slot
+        assert len(slab.free) + len(buffered) + in_flight == slab.n_slots and not set(slab.free) & set(buffered)
+    assert dl.stream.n_items > slab.n_slots // cfg.samples_per_volume  # slots were reused
+    assert same(ref, got)
+    monkeypatch.setattr(pdata, '_slab_size', lambda subjects, size: (3, *size))  # slots for 3 channels: nothing fits
+    fb = dls_for(cases, cfg, num_workers=2, seed=1).train
+    got = [b for _ in range(3) for b in fb]
+    assert same(ref, got) and all(e[2] is None for e in fb.stream.buf)
+    assert len(fb.stream.slab.free) + in_flight == fb.stream.slab.n_slots  # unused slots came back
+    fb.release(); dl.release()
+    assert children() == []
+
+def test_wide_labels_with_workers(tmp_path):
+    "Labels read as uint16 (few torch ops support it) travel as int32 through the slots and come out as int64 with their values"
+    rows = []
+    for i in range(3):
+        img, seg = make_case(tmp_path, f'u{i}', seed=i)
+        m = np.zeros(SHAPE, np.int16); m[10:18, 10:18, 10:18] = 300; m[2:6, 2:6, 2:6] = 1
+        write_nifti(m, np.eye(4), seg, dtype=np.int16)
+        rows.append((img, seg))
+    df = pd.DataFrame(dict(image=[r[0] for r in rows], label=[r[1] for r in rows]))
+    cfg = CFG.replace(label_probabilities={0: 0.2, 1: 0.3, 300: 0.5})
+    b0, b2 = list(dls_for(df, cfg, valid_pct=0.0).train), list(dls_for(df, cfg, valid_pct=0.0, num_workers=2).train)
+    assert len(b0) == len(b2) == 6 and all(torch.equal(u[1], v[1]) and torch.equal(u[0], v[0]) for u, v in zip(b0, b2))
+    assert b2[0][1].dtype == torch.int64 and 300 in torch.cat([b[1].flatten() for b in b2]).unique().tolist()
+    gc.collect()
+
+def test_persistence_defaults_and_arguments(cases):
+    dls = dls_for(cases, num_workers=2)
+    assert dls.train.persistent and not dls.valid.persistent
+    assert not dls.train.new(shuffle=False, drop_last=False).persistent  # fastai's get_preds loader: one pass
+    assert dls_for(cases, persistent_workers=True).train.new(shuffle=False).persistent
+    with pytest.raises(ValueError, match='prefetch_factor'): dls_for(cases, prefetch_factor=0)
+    assert dls.train.stream is None and children() == []  # creating loaders starts no process
+
+def test_changed_setting_restarts_the_stream(cases):
+    dl = dls_for(cases, num_workers=2).train
+    list(dl)
+    pids = pids_of(children())
+    dl.patch_tfms = [tio.RandomFlip(axes=(0,))]  # the workers hold the old transforms: a new stream starts
+    next(iter(dl))
+    assert len(children()) == 2 and pids_of(children()) != pids
+    dl.release()
+    assert children() == []
+
+def test_workers_stop_at_interpreter_exit(cases, tmp_path):
+    "A script that never releases its loaders leaves no worker behind"
+    import subprocess, sys
+    script = tmp_path / 'leave.py'
+    script.write_text(f"""
+import pandas as pd, psutil
+from patchfm.config import PatchConfig
+from patchfm.data import MedPatchDataLoaders
+df = pd.DataFrame(dict(image={cases.image.tolist()!r}, label={cases.label.tolist()!r}))
+dls = MedPatchDataLoaders.from_df(df, 'image', 'label', valid_pct=0.4, bs=2, seed=0, num_workers=2,
+                                  patch_config=PatchConfig(patch_size=16, samples_per_volume=4, queue_length=8))
+it = iter(dls.train); next(it)
+print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and 'Traceback' not in r.stderr and 'Exception ignored' not in r.stderr, r.stderr[-2000:]
+    pids = [int(p) for p in r.stdout.split()]
+    assert len(pids) == 2
+    survivors = []
+    for pid in pids:
+        try: survivors.append(psutil.Process(pid))
+        except psutil.NoSuchProcess: pass
+    assert psutil.wait_procs(survivors, timeout=5)[1] == []  # every worker has exited
 
 # ---------------------------------------------------------------- bad input
 def test_missing_column_and_file(cases, tmp_path):
@@ -275,14 +423,31 @@ def test_patch_size_crop_keeps_centre_label(cases):
         assert (y[:, 0, c[0], c[1], c[2]] == 1).all()
 
 # ---------------------------------------------------------------- fastai
+class WorkerPids(Callback):
+    "The worker processes alive at the end of each training epoch"
+    def before_fit(self): self.pids = []
+    def after_train(self): self.pids.append(pids_of(children()))
+
+def test_plain_learner_keeps_workers_between_fits(cases):
+    dls = dls_for(cases, num_workers=2)
+    learn = Learner(dls, tiny_net(), loss_func=ce_loss)
+    with learn.no_logging(): learn.fit(1, 1e-3)
+    pids = pids_of(children())
+    assert len(pids) == 2  # like torch's persistent_workers: a second fit starts without waiting for new workers
+    with learn.no_logging(): learn.fit(1, 1e-3)
+    assert pids_of(children()) == pids
+    dls.release()
+    assert children() == []
+
 def test_learner_fit_export_no_leaks(cases, tmp_path):
     before = children()
     dls = dls_for(cases, num_workers=2, pre_patch_tfms=[tio.ZNormalization()], patch_tfms=[tio.RandomFlip(axes=(0,))], path=tmp_path)
-    learn = Learner(dls, tiny_net(), loss_func=ce_loss)
+    seen = WorkerPids()
+    learn = Learner(dls, tiny_net(), loss_func=ce_loss, cbs=[seen, pdata.ReleaseWorkersCallback()])
     with learn.no_logging(): learn.fit(2, 1e-3)
     assert len(learn.recorder.values) == 2 and np.isfinite(learn.recorder.values[-1][1])
-    gc.collect()
-    assert children() == before
+    assert len(seen.pids) == 2 and len(seen.pids[0]) == 2 and seen.pids[0] == seen.pids[1]  # the same workers, both epochs
+    assert children() == before  # ReleaseWorkersCallback stopped them at the end of fit
     preds, targs = learn.get_preds()
     assert preds.shape == (len(dls.valid.subjects_dataset) * 4, 2, 16, 16, 16) and targs.shape[1:] == (1, 16, 16, 16)
     p2, t2 = learn.get_preds()
@@ -298,15 +463,6 @@ def test_learner_fit_export_no_leaks(cases, tmp_path):
     assert [type(t) for t in l2.dls.pre_patch_tfms] == [tio.ZNormalization]
     assert len(l2.dls.train.subjects_dataset) == 0
     assert len(learn.dls.train.subjects_dataset) == 3  # export restored the full loaders
-
-def test_abandoned_iteration_stops_workers(cases):
-    dls = dls_for(cases, num_workers=2)
-    it = iter(dls.train); next(it)
-    assert len(children()) == 2
-    del it; gc.collect()
-    assert children() == []
-    fig = dls.train.show_batch(max_n=2, show=False)
-    assert len(fig.axes) == 6
 
 # ---------------------------------------------------------------- cache
 def test_cache_gives_the_same_batches(cases, tmp_path):
