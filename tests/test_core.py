@@ -101,6 +101,19 @@ def test_mask_dtype_and_non_integer(tmp_path):
         MedMask.create(tmp_path / 'f.nii.gz')
 
 
+def test_as_label_tensor_unsigned_and_idempotent():
+    "uint16/uint32 label maps (torch has no min/max for them) are narrowed, and the function accepts its own output"
+    big = torch.tensor([0, 3, 300], dtype=torch.int32).to(torch.uint16)
+    out = as_label_tensor(big)
+    assert out.dtype == torch.uint16 and out.to(torch.int32).tolist() == [0, 3, 300]
+    assert as_label_tensor(out).dtype == torch.uint16  # idempotent
+    small = torch.tensor([0, 2, 1], dtype=torch.int64).to(torch.uint32)
+    assert as_label_tensor(small).dtype == torch.uint8 and as_label_tensor(small).tolist() == [0, 2, 1]
+    assert as_label_tensor(torch.tensor([-1, 5])).dtype == torch.int8
+    assert as_label_tensor(torch.tensor([0., 2.])).dtype == torch.uint8
+    with pytest.raises(MedicalImageError, match='m.nii.gz.*non-integer'): as_label_tensor(torch.tensor([0.5]), 'm.nii.gz')
+
+
 @pytest.mark.parametrize('ext', ['.nrrd', '.mha', '.mhd', '.nii'])
 def test_read_other_formats(tmp_path, ext):
     arr = np.random.default_rng(0).normal(size=(9, 11, 7)).astype(np.float32)

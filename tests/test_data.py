@@ -298,7 +298,16 @@ def test_persistence_defaults_and_arguments(cases):
     assert not dls.train.new(shuffle=False, drop_last=False).persistent  # fastai's get_preds loader: one pass
     assert dls_for(cases, persistent_workers=True).train.new(shuffle=False).persistent
     with pytest.raises(ValueError, match='prefetch_factor'): dls_for(cases, prefetch_factor=0)
+    with pytest.raises(ValueError, match='worker_nice'): dls_for(cases, worker_nice=-1)
     assert dls.train.stream is None and children() == []  # creating loaders starts no process
+    it = iter(dls.train); next(it)
+    me = psutil.Process().nice()
+    assert [p.nice() for p in children()] == [min(19, me + 5)] * 2  # workers yield the CPU to the training loop
+    del it; dls.release()
+    it = iter(dls_for(cases, num_workers=2, worker_nice=0).train); next(it)
+    assert [p.nice() for p in children()] == [me] * 2
+    del it; gc.collect()
+    assert children() == []
 
 def test_changed_setting_restarts_the_stream(cases):
     dl = dls_for(cases, num_workers=2).train
