@@ -67,6 +67,7 @@ def train_and_evaluate(train_df, test_df, cfg, out: Path, img_col='image', label
     t0 = time.perf_counter()
     learn.fit_one_cycle(epochs, lr)
     print(f"training: {time.perf_counter() - t0:.0f} s")
+    dls.release()  # stop the loader workers and free their patches before inference
     save_model(learn, out / 'model', extra=dict(n_classes=n_classes))
     if test_df is None or not len(test_df): return pd.DataFrame()
     print(f"\n== predicting {len(test_df)} held-out cases ==")
