@@ -148,12 +148,22 @@ def measure(run, model, shape, file, out, repeats):
     return best
 
 
+def interleaved(runs, model, shape, file, out, repeats) -> dict:
+    "Best of `repeats` for each run, the runs taking turns: a slow spell of a shared machine hits every run alike"
+    rows = {}
+    for _ in range(repeats):
+        for run in runs:
+            r = measure(run, model, shape, file, out, 1)
+            if run not in rows or 'error' in r or ('error' not in rows[run] and r['seconds'] < rows[run]['seconds']): rows[run] = r
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--run'); ap.add_argument('--model', default='unet'); ap.add_argument('--shape')
     ap.add_argument('--file'); ap.add_argument('--out')
     ap.add_argument('--quick', action='store_true', help='smaller volumes (for a smoke run)')
-    ap.add_argument('--repeats', type=int, default=3, help='best of N runs per measurement (real network: interleaved)')
+    ap.add_argument('--repeats', type=int, default=3, help='best of N runs per measurement, the runs interleaved')
     args = ap.parse_args()
     if args.run:
         args.shape = tuple(int(v) for v in args.shape.split(','))
@@ -168,12 +178,8 @@ def main():
     make_volume(tmp / 'real.nii.gz', real_shape); make_volume(tmp / 'zero.nii.gz', zero_shape, 1)
     print(f"python benchmarks/inference.py{' --quick' if args.quick else ''}  ({THREADS} threads, best of {args.repeats})")
     print(f"\n1. MONAI UNet 16-256 on {real_shape}, patch 96^3, overlap 0.5, batch 4 (file -> NIfTI)")
-    runs = ['forward', 'patchfm', 'monai'] + (['fastmonai'] if has_fm else [])
-    rows = {}
-    for _ in range(args.repeats):  # interleaved, so that a slow spell of a shared machine hits every run alike
-        for run in runs:
-            r = measure(run, 'unet', real_shape, tmp / 'real.nii.gz', tmp, 1)
-            if run not in rows or 'error' in r or ('error' not in rows[run] and r['seconds'] < rows[run]['seconds']): rows[run] = r
+    rows = interleaved(['forward', 'patchfm', 'monai'] + (['fastmonai'] if has_fm else []), 'unet', real_shape,
+                       tmp / 'real.nii.gz', tmp, args.repeats)
     fwd = rows.pop('forward')
     print(f"   pure network forward: {fwd['seconds']:.2f} s (peak {fwd['peak_mib']:.0f} MiB)")
     for run, r in rows.items():
@@ -182,9 +188,9 @@ def main():
               f"peak {r['peak_mib']:.0f} MiB = {r['peak_mib'] / fwd['peak_mib']:.2f} x forward's")
     if not has_fm: print("   fastMONAI: not installed, skipped")
     print(f"\n2. zero-cost model, 14 channels, {zero_shape}, patch 96^3, overlap 0.5 (file -> NIfTI)")
-    zf = measure('forward', 'zero', zero_shape, tmp / 'zero.nii.gz', tmp, 1)
-    z = {run: measure(run, 'zero', zero_shape, tmp / 'zero.nii.gz', tmp, args.repeats)
-         for run in ['patchfm', 'monai', 'torchio'] + (['fastmonai'] if has_fm else [])}
+    z = interleaved(['forward', 'patchfm', 'monai', 'torchio'] + (['fastmonai'] if has_fm else []), 'zero', zero_shape,
+                    tmp / 'zero.nii.gz', tmp, args.repeats)
+    zf = z.pop('forward')
     for run, r in z.items():
         if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
         print(f"   {run:8s}: {r['seconds']:.2f} s; peak {r['peak_mib']:.0f} MiB ({r['peak_mib'] / zf['peak_mib']:.2f} x forward's)")

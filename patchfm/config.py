@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/config.html.md"""
 
 # %% ../nbs/02_config.ipynb #73ce7efa
 from __future__ import annotations
-import dataclasses, json, os, tempfile, warnings
+import dataclasses, json, math, os, tempfile, warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -137,7 +137,8 @@ class PatchConfig:
     def overlap_voxels(self) -> tuple:
         "The inference overlap in voxels per axis"
         o = self.patch_overlap if isinstance(self.patch_overlap, tuple) else (self.patch_overlap,) * 3
-        return tuple(int(v) if isinstance(v, int) else int(round(v * p)) for v, p in zip(o, self.patch_size))
+        # a fraction is rounded up, capped at patch - 1: the rule of `patchfm.grid.overlap_voxels` (and MONAI's windows)
+        return tuple(int(v) if isinstance(v, int) else min(math.ceil(v * p - 1e-9), p - 1) for v, p in zip(o, self.patch_size))
 
     def replace(self, **kwargs) -> PatchConfig:
         "A validated copy with some fields changed (the original is untouched)"

@@ -61,6 +61,16 @@ def test_valid_variants():
     assert PatchConfig(patch_overlap=8).overlap_voxels == (8, 8, 8)
     assert PatchConfig(patch_size=(32, 32, 16), patch_overlap=(0.5, 0.25, 4)).overlap_voxels == (16, 8, 4)
     assert PatchConfig(padding_mode='reflect').padding_mode == 'reflect'
+
+
+def test_overlap_voxels_agrees_with_the_grid():
+    "PatchConfig and patchfm.grid turn a fraction into the same voxels (rounded up, capped at patch - 1)"
+    from patchfm.grid import overlap_voxels
+    for p in (7, 24, 25, 48, 96, 97):
+        for f in (0.0, 0.1, 0.25, 0.3, 0.31, 1 / 3, 0.5, 0.75, 0.99):
+            cfg = PatchConfig(patch_size=(p, p, p), patch_overlap=f)
+            assert cfg.overlap_voxels == overlap_voxels((p, p, p), f), (p, f)
+    assert PatchConfig(patch_size=(24, 24, 24), patch_overlap=0.31).overlap_voxels == (8, 8, 8)  # 7.44 -> 8
     assert PatchConfig(sampler_type='label', label_probabilities={'0': 1, 2: 3}).label_probabilities == {0: 1.0, 2: 3.0}
     assert PatchConfig(patch_size_range=(32, 96, 16)).patch_size_range == ((32, 96, 16),) * 3
     assert PatchConfig(target_spacing=1.5).target_spacing == (1.5, 1.5, 1.5)

@@ -1,4 +1,4 @@
-import copy, math
+import copy, math, warnings
 
 import matplotlib
 matplotlib.use('Agg')
@@ -16,10 +16,15 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
+from patchfm.config import PatchConfig
+from patchfm.core import write_nifti
+from patchfm.data import MedPatchDataLoaders, PatchSubjects
+from patchfm.learner import SavedModel
 from patchfm.performance import (
     MEASURES, NoPatchesSeenError, OverlapSuggestion, PatchPerformance, PatchPerformanceCallback,
     PatchPerformanceTracker, TorchPatchPerformance, distance_to_faces, get_measure, performance_profile,
-    plot_patch_performance, suggest_overlap, windows_for_overlap)
+    WHERE, foreground_where, get_where, plot_patch_performance, record_performance_map, suggest_overlap,
+    windows_for_overlap)
 
 
 def _bce_batch(bs, shape=(4, 4, 4)):
@@ -372,22 +377,76 @@ def test_suggest_overlap_rule():
     assert suggest_overlap(mild, tolerance=0.05).overlap == 0
     assert suggest_overlap(mild, tolerance=0.001, relative=False).overlap == 4
     assert suggest_overlap(mild, tolerance=0.01, relative=False).overlap == 0
+    assert math.isclose(suggest_overlap(mild, tolerance=0.05).tolerance, 0.05 * 0.2, rel_tol=1e-6)
+
+
+def test_suggest_overlap_is_one_sided():
+    better = _bordered(4, border=0.05)  # faces better than the interior (e.g. label-centred patches)
+    s = suggest_overlap(better)
+    assert s.border == 0 and s.overlap == 0 and s.settled
+    worse = _bordered(4, border=0.35)
+    assert suggest_overlap(worse).border == 4
+    # a score (higher is better): a rim with lower values is the degraded one
+    assert suggest_overlap(better, higher_is_worse=False).border == 4
+    assert suggest_overlap(worse, higher_is_worse=False).border == 0
+    # mixed: better at d = 0, worse at d = 2 -> only the worse part sets b
+    d = torch.from_numpy(distance_to_faces((16,) * 3))
+    mixed = torch.full((16,) * 3, 0.2); mixed[d == 0] = 0.0; mixed[d == 2] = 0.5
+    assert suggest_overlap(mixed[None]).border == 3
+
+
+def test_suggest_overlap_absolute_floor():
+    d = torch.from_numpy(distance_to_faces((16,) * 3))
+    wiggle = torch.tensor([0.0005, 0.0002, 0.0006, 0.0003, 0.0004, 0.0002, 0.0004, 0.0004])  # per distance, nats
+    good = wiggle[d][None]
+    plateau = float(good[0][d >= 6].mean())
+    s = suggest_overlap(good)  # tol = max(5 % of 0.0004, 1e-3) = 1e-3
+    assert s.overlap == 0 and math.isclose(s.tolerance, 1e-3) and math.isclose(s.plateau, plateau, rel_tol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert suggest_overlap(good, atol=0).border == 3  # d = 2 is 0.0002 above the plateau: 'degraded' noise
+    assert math.isclose(suggest_overlap(good, atol=0, tolerance=1.0).tolerance, abs(plateau))
+    rim = torch.where(d < 2, good + 0.01, good)  # a real rim, 0.01 nats worse
+    assert suggest_overlap(rim).border == 2
+    assert suggest_overlap(rim, atol=0.02).border == 0
+    for bad in (-1e-3, float('nan'), float('inf')):
+        with pytest.raises(ValueError, match='atol'): suggest_overlap(good, atol=bad)
+    with pytest.raises(ValueError, match='infinite'): suggest_overlap(torch.full((1, 8, 8, 8), float('inf')))
+
+
+def test_suggest_overlap_warns_when_profile_never_settles():
+    settled = _bordered(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no warning for a map with a flat interior
+        assert suggest_overlap(settled).settled
+    sloped = (0.2 + 0.2 * (7 - torch.from_numpy(distance_to_faces((16,) * 3)).float()))[None]
+    with pytest.warns(UserWarning, match='never settles') as rec:
+        s = suggest_overlap(sloped)
+    assert not s.settled and 'settled=False' in repr(s)
+    assert f'border {s.border}' in str(rec[0].message) and s.border == 6 and s.overlap == 12  # up to the plateau (d >= 6)
 
 
 def test_suggest_overlap_caps_and_anisotropy():
-    # degraded everywhere except the very centre -> border reaches the centre, capped at patch - 1
-    # degraded up to the centre: the two innermost distances (6, 7) disagree, so b = 8 and 2b = 16 is capped at 15
+    # degraded everywhere outside the plateau distances (d >= 6): b stops at 6 and the rule warns
     m = _bordered(7, size=16)
-    s = suggest_overlap(m)
-    assert s.border == 8 and s.overlap == 15 and s.overlap_per_axis == (15, 15, 15)
+    with pytest.warns(UserWarning, match='never settles'): s = suggest_overlap(m)
+    assert s.border == 6 and s.overlap == 12 and not s.settled and s.overlap < 16
+    # worst at the very centre, faces best: no degraded rim at all, and the interior's own spread sets nothing
+    centre = torch.from_numpy(distance_to_faces((16,) * 3)).float()[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert suggest_overlap(centre).overlap == 0
+    noisy_centre = _bordered(3).clone(); noisy_centre[0, 7:9, 7:9, 7:9] = 5.0  # 8 hot voxels at d = 7
+    assert suggest_overlap(noisy_centre, tolerance=0.05).border == 3  # plateau (d >= 6) 0.8: the rim (1.0) is still worse
+    assert suggest_overlap(noisy_centre, tolerance=0.5).border == 0  # a looser tolerance absorbs it
     assert suggest_overlap(_bordered(6, size=16), plateau_fraction=0.1).overlap == 12
     aniso = torch.from_numpy(distance_to_faces((16, 16, 8))).float()[None]
     aniso = torch.where(aniso < 3, 1.0, 0.2)
-    s = suggest_overlap(aniso)
+    with pytest.warns(UserWarning, match='never settles'): s = suggest_overlap(aniso)  # the rim reaches d0 = 3
     assert s.patch_size == (16, 16, 8) and s.border == 3
     assert s.overlap_per_axis == (6, 6, 6) and s.overlap == 6 and s.fraction == (6 / 16, 6 / 16, 6 / 8)
     with pytest.raises(ValueError, match='tolerance'): suggest_overlap(m, tolerance=-1)
-    with pytest.raises(ValueError, match='image_shape'): suggest_overlap(m, image_shape=(64, 64))
+    with pytest.raises(ValueError, match='image_shape'): suggest_overlap(_bordered(3), image_shape=(64, 64))
 
 
 def test_suggest_overlap_table():
@@ -416,11 +475,16 @@ def test_windows_for_overlap_values():
     assert windows_for_overlap((256, 256, 128), (128, 128, 64), 0.5) == 27
     assert windows_for_overlap((256, 256, 128), (128, 128, 64), (64, 64, 32)) == 27
     assert windows_for_overlap((100, 100), (32, 32), (0, 16)) == 4 * 6
+    # fractions are rounded to voxels like PatchConfig.overlap_voxels (0.3 * 25 = 7.5 -> 8)
+    assert windows_for_overlap((100,), (25,), 0.3) == windows_for_overlap((100,), (25,), PatchConfig(
+        patch_size=[25] * 3, patch_overlap=0.3).overlap_voxels[0]) == math.ceil(75 / 17) + 1
     with pytest.raises(ValueError, match='overlap 32 on axis 0'): windows_for_overlap((100,), (32,), 32)
     with pytest.raises(ValueError, match='same number of axes'): windows_for_overlap((100, 100), (32,), 0)
     with pytest.raises(ValueError, match='one value per axis'): windows_for_overlap((100, 100), (32, 32), (1, 2, 3))
     with pytest.raises(ValueError, match='fraction'): windows_for_overlap((100,), (32,), 1.5)
 
+
+def _images(fig): return [im for a in fig.axes for im in a.images]
 
 def test_plot_patch_performance():
     s = suggest_overlap(_bordered(3))
@@ -430,11 +494,36 @@ def test_plot_patch_performance():
     assert len(axes) == 4
     line = axes[3].lines[0]
     assert np.allclose(line.get_ydata(), s.profile)
+    # the profile's axis labels are inside the figure (not clipped)
+    fig.canvas.draw()
+    fig_box = fig.bbox
+    for lab in (axes[3].xaxis.label, axes[3].yaxis.label):
+        bb = lab.get_window_extent()
+        assert lab.get_text() and bb.x0 >= fig_box.x0 - 1 and bb.y0 >= fig_box.y0 - 1 and bb.x1 <= fig_box.x1 + 1
     plt.close(fig)
     fig2 = plot_patch_performance(torch.rand(2, 6, 6), channel=0)
     assert len([a for a in fig2.axes if a.get_label() != '<colorbar>']) == 2
     plt.close(fig2)
     with pytest.raises(ValueError, match='2D or 3D'): plot_patch_performance(torch.rand(1, 3, 3, 3, 3))
+
+
+def test_plot_colour_scale_robust_to_hot_voxels():
+    m = _bordered(3, border=0.4, plateau=0.2)
+    m[0, 8, 8, 8] = 50.0  # one hot voxel on the mid-planes
+    fig = plot_patch_performance(m)
+    clim = _images(fig)[0].get_clim()
+    assert math.isclose(clim[1], 0.4, rel_tol=1e-6) and math.isclose(clim[0], 0.2, rel_tol=1e-6)  # 1st-99th percentile
+    cbar = [a for a in fig.axes if a.get_label() == '<colorbar>']
+    assert len(cbar) == 1
+    assert _images(fig)[-1].colorbar.extend == 'max'
+    plt.close(fig)
+    fig = plot_patch_performance(m, clip=None)
+    assert np.allclose(_images(fig)[0].get_clim(), (0.2, 50.0)) and _images(fig)[-1].colorbar.extend == 'neither'
+    plt.close(fig)
+    fig = plot_patch_performance(torch.full((1, 6, 6, 6), 0.3))  # constant map: percentiles coincide
+    assert np.allclose(_images(fig)[0].get_clim(), 0.3)
+    plt.close(fig)
+    with pytest.raises(ValueError, match='clip'): plot_patch_performance(m, clip=(99, 1))
 
 
 def test_suggestion_feeds_patch_config():
@@ -501,13 +590,14 @@ def test_border_effect_model_map_and_overlap():
     assert s.border == _R and s.overlap == 2 * _R and s.overlap_per_axis == (6, 6, 6)
     flat = suggest_overlap(torch.full_like(pmap, float(pmap.mean())), tolerance=0.05, relative=False)
     assert flat.overlap == 0 < s.overlap
-    assert suggest_overlap(pmap).overlap > suggest_overlap(torch.full_like(pmap, float(pmap.mean()))).overlap
+    with pytest.warns(UserWarning, match='never settles'):  # 8 patches: the near-zero costs of d >= 3 are noisy
+        assert suggest_overlap(pmap).overlap > suggest_overlap(torch.full_like(pmap, float(pmap.mean()))).overlap
     t = s.table.set_index('overlap')
     assert t.loc[6, 'expected_measure'] < 0.02 < t.loc[0, 'expected_measure']
     assert t.loc[6, 'windows'] > t.loc[0, 'windows'] == windows_for_overlap((40,) * 3, (16,) * 3, 0) == 27
 
 
-def test_trained_model_map_worse_at_faces():
+def test_trained_model_map_worse_at_faces(context_volumes):
     "A conv net trained on patches of that task learns the interior better than the faces"
     set_seed(0)
     cb = PatchPerformanceCallback()
@@ -520,4 +610,252 @@ def test_trained_model_map_worse_at_faces():
     centre = prof[_R:].mean()
     assert prof[0] > 2.5 * centre and prof[1] > 1.3 * centre and prof[0] > prof[1] > prof[2]
     flat = torch.full_like(pmap, float(pmap.mean()))
-    assert suggest_overlap(pmap).overlap > suggest_overlap(flat).overlap == 0
+    # 8 validation patches leave the centre noisy; uniform patches of two held-out volumes give a settled profile
+    rec = record_performance_map(learn, context_volumes, patch_config=PatchConfig(patch_size=[12] * 3), n_patches=96, bs=8)
+    held_out = rec.calculate_performance()
+    prof = performance_profile(held_out)[1]
+    assert prof[0] > 2 * prof[2:].mean() and prof[0] > prof[1] > prof[2:].max()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        s = suggest_overlap(held_out)
+    assert s.settled and 1 <= s.border <= _R
+    assert s.overlap > suggest_overlap(flat).overlap == 0
+
+
+# ---------------------------------------------------------------- record_performance_map: uniform patches of volumes
+
+def _write_context_volumes(folder, n=2, size=40, seed=0):
+    "Noise volumes and labels from the whole-volume smoothing (the box stack's truth), as NIfTI pairs"
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        vol = torch.randn(1, 1, size, size, size, generator=g)
+        with torch.no_grad(): truth = (_box_stack()[:_R](vol) > 0)[0, 0].to(torch.uint8)  # zero padding at the volume faces
+        img, lbl = folder / f'img{i}.nii.gz', folder / f'lbl{i}.nii.gz'
+        write_nifti(vol[0, 0], np.eye(4), img); write_nifti(truth, np.eye(4), lbl)
+        pairs.append((img, lbl))
+    return pairs
+
+
+@pytest.fixture(scope='module')
+def context_volumes(tmp_path_factory):
+    return _write_context_volumes(tmp_path_factory.mktemp('perf_volumes'))
+
+
+_CFG16 = PatchConfig(patch_size=[16] * 3)
+
+
+def test_record_map_shape_count_and_border_effect(context_volumes):
+    rec = record_performance_map(_box_stack(k=1e5), context_volumes, patch_config=_CFG16, n_patches=21, bs=8, seed=0)
+    assert isinstance(rec, PatchPerformanceTracker) and rec.n_patches_seen == 21  # 11 + 10: the surplus is dropped
+    pmap = rec.calculate_performance()
+    assert pmap.shape == (1, 16, 16, 16) and rec.measure_name == 'cross_entropy'
+    dist, prof = performance_profile(pmap)
+    assert prof[0] > prof[1] > prof[2] > 10 * prof[_R:].max()  # wrong within R of the faces, exact inside
+    s = suggest_overlap(pmap)
+    assert s.border == _R and s.overlap == 2 * _R and s.settled
+    two = record_performance_map(_box_stack(), context_volumes, patch_config=_CFG16, n_patches=4, measure='dice_error')
+    assert two.calculate_performance().shape == (2, 16, 16, 16) and two.n_patches_seen == 4
+
+
+def test_record_map_deterministic_for_a_seed(context_volumes):
+    run = lambda seed: record_performance_map(_box_stack(), context_volumes, patch_config=_CFG16, n_patches=8, bs=3,
+                                              seed=seed).calculate_performance()
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+class _Spy(nn.Module):
+    "Records mode, grad state and the inputs' range; predicts 2-class logits from the box stack"
+    def __init__(self):
+        super().__init__()
+        self.net, self.drop, self.calls = _box_stack(k=1e5), nn.Dropout(0.5), []
+    def forward(self, x):
+        self.calls.append(dict(training=self.training, grad=torch.is_grad_enabled(), shape=tuple(x.shape),
+                               lo=float(x.min()), hi=float(x.max())))
+        return self.net(self.drop(x))
+
+
+def test_record_map_eval_mode_no_grad_and_restores_mode(context_volumes):
+    spy = _Spy().train()
+    rec = record_performance_map(spy, context_volumes, patch_config=_CFG16, n_patches=10, bs=4)
+    assert spy.training  # restored
+    assert [c['shape'][0] for c in spy.calls] == [4, 4, 2]  # 5 patches per volume, in order
+    assert all(not c['training'] and not c['grad'] for c in spy.calls)
+    assert rec.n_patches_seen == 10
+    # eval mode: dropout off, so the border-effect map is as without it
+    ref = record_performance_map(_box_stack(k=1e5), context_volumes, patch_config=_CFG16, n_patches=10, bs=4)
+    assert torch.allclose(rec.calculate_performance(), ref.calculate_performance())
+
+
+def test_record_map_uniform_vs_label_sampler(tmp_path):
+    "Uniform centres ignore the labels; the label sampler centres patches on foreground"
+    vol = torch.randn(48, 48, 48, generator=torch.Generator().manual_seed(0))
+    lbl = torch.zeros(48, 48, 48, dtype=torch.uint8); lbl[30:38, 10:18, 20:28] = 1  # 0.6 % foreground
+    write_nifti(vol, np.eye(4), tmp_path / 'i.nii.gz'); write_nifti(lbl, np.eye(4), tmp_path / 'l.nii.gz')
+    pairs = [(tmp_path / 'i.nii.gz', tmp_path / 'l.nii.gz')]
+    centre_fg = []
+    def centre_label(p, t):
+        centre_fg.append(t[:, 0, 8, 8, 8].float())
+        return F.cross_entropy(p, t[:, 0].long(), reduction='none')
+    cfg = PatchConfig(patch_size=[16] * 3, sampler_type='label', label_probabilities={0: 0.0, 1: 1.0})
+    record_performance_map(_box_stack(), pairs, patch_config=cfg, n_patches=40, bs=8, measure=centre_label)
+    uniform = torch.cat(centre_fg).mean().item(); centre_fg.clear()  # the default sampler is 'uniform'
+    record_performance_map(_box_stack(), pairs, patch_config=cfg, n_patches=40, bs=8, measure=centre_label, sampler='label')
+    label = torch.cat(centre_fg).mean().item()
+    assert label == 1.0 and uniform < 0.2
+
+
+def test_record_map_uses_learner_and_saved_model_defaults(tmp_path, context_volumes):
+    import torchio as tio
+    df = pd.DataFrame(dict(image=[str(p[0]) for p in context_volumes], label=[str(p[1]) for p in context_volumes]))
+    cfg = PatchConfig(patch_size=[16] * 3, samples_per_volume=2, queue_num_workers=0)
+    dls = MedPatchDataLoaders.from_df(df, img_col='image', mask_col='label', valid_pct=0.5, patch_config=cfg, bs=2,
+                                      pre_patch_tfms=[tio.RescaleIntensity(out_min_max=(100, 101))], device='cpu', seed=0)
+    spy = _Spy()
+    learn = Learner(dls, spy, loss_func=CrossEntropyLossFlat(axis=1))
+    rec = record_performance_map(learn, df, n_patches=4, bs=4)  # patch_config and pre_patch_tfms from learn.dls
+    assert rec.calculate_performance().shape == (1, 16, 16, 16)
+    assert spy.calls and all(100 - 1e-4 <= c['lo'] and c['hi'] <= 101 + 1e-4 for c in spy.calls)
+    spy.calls.clear()
+    saved = SavedModel(spy, cfg.replace(patch_size=(12, 12, 12)), [tio.RescaleIntensity(out_min_max=(-5, -4))], {})
+    rec = record_performance_map(saved, df, n_patches=2)
+    assert rec.calculate_performance().shape == (1, 12, 12, 12)
+    assert all(-5 - 1e-4 <= c['lo'] and c['hi'] <= -4 + 1e-4 for c in spy.calls)
+    # explicit arguments win over the learner's
+    spy.calls.clear()
+    record_performance_map(learn, df, patch_config=cfg.replace(patch_size=(8, 8, 8)), pre_patch_tfms=[], n_patches=2)
+    assert all(c['shape'][2:] == (8, 8, 8) for c in spy.calls) and min(c['lo'] for c in spy.calls) < 0
+    # the DataFrame may use other column names; PatchSubjects work too
+    other = df.rename(columns=dict(image='img', label='seg'))
+    assert record_performance_map(learn, other, img_col='img', mask_col='seg', n_patches=2).n_patches_seen == 2
+    subj = PatchSubjects(df.image.tolist(), df.label.tolist())
+    assert record_performance_map(learn, subj, n_patches=2).n_patches_seen == 2
+
+
+def test_record_map_bad_input(tmp_path, context_volumes):
+    m = _box_stack()
+    with pytest.raises(ValueError, match='patch_config'): record_performance_map(m, context_volumes)
+    with pytest.raises(TypeError, match='PatchConfig'): record_performance_map(m, context_volumes, patch_config={'patch_size': 16})
+    with pytest.raises(ValueError, match="sampler must be 'uniform' or 'label'"):
+        record_performance_map(m, context_volumes, patch_config=_CFG16, sampler='grid')
+    for k, v in (('n_patches', 0), ('bs', 0), ('n_patches', 2.5)):
+        with pytest.raises(ValueError, match=k): record_performance_map(m, context_volumes, patch_config=_CFG16, **{k: v})
+    with pytest.raises(ValueError, match='seed'): record_performance_map(m, context_volumes, patch_config=_CFG16, seed=-1)
+    with pytest.raises(ValueError, match='must be one of'): record_performance_map(m, context_volumes, patch_config=_CFG16, measure='nope')
+    with pytest.raises(KeyError, match="'label'"):
+        record_performance_map(m, pd.DataFrame(dict(image=['a.nii.gz'])), patch_config=_CFG16)
+    with pytest.raises(TypeError, match=r'\(image, mask\) path pairs'): record_performance_map(m, ['a.nii.gz'], patch_config=_CFG16)
+    with pytest.raises(TypeError, match='DataFrame'): record_performance_map(m, 'a.nii.gz', patch_config=_CFG16)
+    with pytest.raises(ValueError, match='no volumes'): record_performance_map(m, [], patch_config=_CFG16)
+    with pytest.raises(TypeError, match='Learner'): record_performance_map(object(), context_volumes, patch_config=_CFG16)
+    missing = tmp_path / 'missing.nii.gz'
+    with pytest.raises(Exception, match='missing.nii.gz'):
+        record_performance_map(m, [(missing, context_volumes[0][1])], patch_config=_CFG16)
+
+
+def test_record_map_warns_about_narrow_volumes(tmp_path):
+    pairs = _write_context_volumes(tmp_path, n=1, size=24)  # 24 < 2 x 16
+    with pytest.warns(UserWarning, match='less than two patches'):
+        rec = record_performance_map(_box_stack(), pairs, patch_config=_CFG16, n_patches=2)
+    assert rec.n_patches_seen == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        record_performance_map(_box_stack(), pairs, patch_config=PatchConfig(patch_size=[12] * 3), n_patches=2)
+
+
+# ---------------------------------------------------------------- where: which voxels a position's mean is over
+
+def test_where_foreground_hand_made():
+    p = torch.tensor([[[0.6, 0.9, 0.0, 0.0]], [[0.8, 0.0, 0.0, 0.3]]])
+    t = torch.tensor([[[1.0, 1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0, 0.0]]])
+    tr = PatchPerformanceTracker('l1', where='foreground')
+    tr.update(p, t)
+    m = tr.calculate_performance()
+    assert torch.allclose(m[0, :2], torch.tensor([0.3, 0.1])) and m[0, 2:].isnan().all()
+    assert tr.n_patches_seen == 2 and tr.where == 'foreground' and "where='foreground'" in repr(tr)
+    assert torch.allclose(tr.weight_sums[(4,)], torch.tensor([[2.0, 1.0, 0.0, 0.0]]))
+    # a second batch adds to both sums: position 2 gets its first object voxel
+    tr.update(torch.tensor([[[0.0, 0.0, 0.5, 0.0]]]), torch.tensor([[[0.0, 0.0, 1.0, 0.0]]]))
+    assert torch.allclose(tr.calculate_performance()[0, :3], torch.tensor([0.3, 0.1, 0.5]))
+    d, prof = performance_profile(tr.calculate_performance())  # nan positions are left out of the profile
+    assert d.tolist() == [0, 1] and np.allclose(prof, [0.3, (0.1 + 0.5) / 2])
+
+
+def test_foreground_where_target_forms():
+    logits = torch.randn(2, 3, 4, 4)
+    idx = torch.randint(0, 3, (2, 1, 4, 4))
+    fg = (idx != 0).float()
+    assert torch.equal(foreground_where(logits, idx), fg)
+    assert torch.equal(foreground_where(logits, idx[:, 0]), fg)
+    one_hot = F.one_hot(idx[:, 0], 3).movedim(-1, 1)
+    assert torch.equal(foreground_where(logits, one_hot), fg)
+    soft = torch.rand(2, 1, 4, 4)
+    assert torch.equal(foreground_where(torch.randn(2, 1, 4, 4), soft), soft)  # one sigmoid channel: the target
+    with pytest.raises(ValueError, match='target shape'): foreground_where(logits, torch.zeros(2, 2, 4, 4))
+    assert set(WHERE) == {'foreground'} and get_where(None) == (None, None)
+    with pytest.raises(ValueError, match='where must be'): get_where('background')
+
+
+def test_where_cross_entropy_equals_masked_mean():
+    torch.manual_seed(0)
+    tr = PatchPerformanceTracker('cross_entropy', where='foreground')
+    preds, targs = [], []
+    for _ in range(3):
+        p, t = torch.randn(4, 3, 5, 5, 5), torch.randint(0, 3, (4, 1, 5, 5, 5))
+        tr.update(p, t); preds.append(p); targs.append(t)
+    p, t = torch.cat(preds), torch.cat(targs)
+    ce = F.cross_entropy(p, t[:, 0], reduction='none')[:, None]
+    w = (t > 0).float()
+    assert torch.allclose(tr.calculate_performance(), (ce * w).sum(0) / w.sum(0), atol=1e-6)
+
+
+def test_where_callable_and_bad_weights():
+    tr = PatchPerformanceTracker('l1', where=lambda p, t: torch.full_like(t, 2.0))  # a constant weight: the plain mean
+    p, t = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    tr.update(p, t)
+    assert torch.allclose(tr.calculate_performance(), (t - p).abs().mean(0), atol=1e-6)
+    for bad, err in [(lambda p, t: torch.ones(3, 1, 2, 2), 'weights'), (lambda p, t: -torch.ones_like(t), 'negative'),
+                     (lambda p, t: 1.0, 'tensor')]:
+        with pytest.raises((ValueError, TypeError), match=err): PatchPerformanceTracker('l1', where=bad).update(p, t)
+
+
+def test_wrapper_where_does_not_shadow_loss_attributes():
+    w = torch.tensor([1.0, 2.0, 3.0])
+    pp = PatchPerformance.track(nn.CrossEntropyLoss(weight=w), where='foreground')
+    assert torch.equal(pp.weight, w)  # the loss's class weights fall through
+    logits, targ = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    assert torch.equal(pp(logits, targ), nn.CrossEntropyLoss(weight=w)(logits, targ))
+    assert pp.where == 'foreground' and pp.weight_sums and "where='foreground'" in repr(pp)
+
+
+def test_callback_where_foreground():
+    cb = PatchPerformanceCallback(where='foreground')
+    _fit([cb], n_epoch=1)
+    m = cb.calculate_performance()
+    assert cb.tracker.where == 'foreground' and m.shape == (1, 8, 8, 8)
+    # targets are x > 0.5 on noise (about 30 % of voxels): over 4 patches most positions saw an object voxel
+    assert m.isnan().float().mean() < 0.5 and (m[~m.isnan()] >= 0).all()
+
+
+def test_nan_maps_in_profile_suggestion_and_plot():
+    m = _bordered(3).clone(); m[0, 5, 5, 5] = float('nan')  # one position never weighted
+    s = suggest_overlap(m)
+    assert s.border == 3 and math.isclose(s.plateau, 0.2, rel_tol=1e-6)
+    fig = plot_patch_performance(m, suggestion=s); plt.close(fig)
+    hole = _bordered(3).clone(); hole[0][torch.from_numpy(distance_to_faces((16,) * 3)) == 7] = float('nan')
+    with pytest.raises(ValueError, match=r'distance\(s\) \[7\]'): suggest_overlap(hole)
+    with pytest.raises(ValueError, match='nan everywhere'): plot_patch_performance(torch.full((1, 4, 4, 4), float('nan')))
+
+
+def test_record_map_where_foreground(context_volumes):
+    kw = dict(patch_config=_CFG16, n_patches=16, bs=8, seed=0)
+    plain = record_performance_map(_box_stack(k=1e5), context_volumes, **kw)
+    fg = record_performance_map(_box_stack(k=1e5), context_volumes, where='foreground', **kw)
+    frac = record_performance_map(_box_stack(k=1e5), context_volumes, measure=lambda p, t: (t > 0).float(), **kw)
+    # the plain mean = object fraction x mean over object voxels + the background's share (>= 0)
+    assert fg.where == 'foreground' and fg.n_patches_seen == 16
+    fgm, fr = fg.calculate_performance(), frac.calculate_performance()
+    ok = ~fgm.isnan()
+    assert ok.float().mean() > 0.9 and (fgm[ok] * fr[ok] <= plain.calculate_performance()[ok] * (1 + 1e-5) + 1e-6).all()
+    assert performance_profile(fgm)[1][0] > 10 * performance_profile(fgm)[1][_R:].max()
