@@ -164,6 +164,7 @@ def main():
     ap.add_argument('--file'); ap.add_argument('--out')
     ap.add_argument('--quick', action='store_true', help='smaller volumes (for a smoke run)')
     ap.add_argument('--repeats', type=int, default=3, help='best of N runs per measurement, the runs interleaved')
+    ap.add_argument('--parts', default='real,zero', help="which parts to run: 'real' (network), 'zero' (zero-cost model)")
     args = ap.parse_args()
     if args.run:
         args.shape = tuple(int(v) for v in args.shape.split(','))
@@ -177,28 +178,31 @@ def main():
     zero_shape = (160, 160, 128) if args.quick else (256, 256, 200)
     make_volume(tmp / 'real.nii.gz', real_shape); make_volume(tmp / 'zero.nii.gz', zero_shape, 1)
     print(f"python benchmarks/inference.py{' --quick' if args.quick else ''}  ({THREADS} threads, best of {args.repeats})")
-    print(f"\n1. MONAI UNet 16-256 on {real_shape}, patch 96^3, overlap 0.5, batch 4 (file -> NIfTI)")
-    rows = interleaved(['forward', 'patchfm', 'monai'] + (['fastmonai'] if has_fm else []), 'unet', real_shape,
-                       tmp / 'real.nii.gz', tmp, args.repeats)
-    fwd = rows.pop('forward')
-    print(f"   pure network forward: {fwd['seconds']:.2f} s (peak {fwd['peak_mib']:.0f} MiB)")
-    for run, r in rows.items():
-        if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
-        print(f"   {run:8s}: {r['seconds']:.2f} s = {r['seconds'] / fwd['seconds']:.3f} x forward (target <= 1.10); "
-              f"peak {r['peak_mib']:.0f} MiB = {r['peak_mib'] / fwd['peak_mib']:.2f} x forward's")
-    if not has_fm: print("   fastMONAI: not installed, skipped")
-    print(f"\n2. zero-cost model, 14 channels, {zero_shape}, patch 96^3, overlap 0.5 (file -> NIfTI)")
-    z = interleaved(['forward', 'patchfm', 'monai', 'torchio'] + (['fastmonai'] if has_fm else []), 'zero', zero_shape,
-                    tmp / 'zero.nii.gz', tmp, args.repeats)
-    zf = z.pop('forward')
-    for run, r in z.items():
-        if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
-        print(f"   {run:8s}: {r['seconds']:.2f} s; peak {r['peak_mib']:.0f} MiB ({r['peak_mib'] / zf['peak_mib']:.2f} x forward's)")
-    pf = z['patchfm']
-    if 'error' not in pf:
-        for run in ('monai', 'torchio', 'fastmonai'):
-            if run in z and 'error' not in z[run]:
-                print(f"   patchfm is {z[run]['seconds'] / pf['seconds']:.2f}x faster than {run}")
+    parts = set(args.parts.split(','))
+    if 'real' in parts:
+        print(f"\n1. MONAI UNet 16-256 on {real_shape}, patch 96^3, overlap 0.5, batch 4 (file -> NIfTI)")
+        rows = interleaved(['forward', 'patchfm', 'monai'] + (['fastmonai'] if has_fm else []), 'unet', real_shape,
+                           tmp / 'real.nii.gz', tmp, args.repeats)
+        fwd = rows.pop('forward')
+        print(f"   pure network forward: {fwd['seconds']:.2f} s (peak {fwd['peak_mib']:.0f} MiB)")
+        for run, r in rows.items():
+            if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
+            print(f"   {run:8s}: {r['seconds']:.2f} s = {r['seconds'] / fwd['seconds']:.3f} x forward (target <= 1.10); "
+                  f"peak {r['peak_mib']:.0f} MiB = {r['peak_mib'] / fwd['peak_mib']:.2f} x forward's")
+        if not has_fm: print("   fastMONAI: not installed, skipped")
+    if 'zero' in parts:
+        print(f"\n2. zero-cost model, 14 channels, {zero_shape}, patch 96^3, overlap 0.5 (file -> NIfTI)")
+        z = interleaved(['forward', 'patchfm', 'monai', 'torchio'] + (['fastmonai'] if has_fm else []), 'zero', zero_shape,
+                        tmp / 'zero.nii.gz', tmp, args.repeats)
+        zf = z.pop('forward')
+        for run, r in z.items():
+            if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
+            print(f"   {run:8s}: {r['seconds']:.2f} s; peak {r['peak_mib']:.0f} MiB ({r['peak_mib'] / zf['peak_mib']:.2f} x forward's)")
+        pf = z['patchfm']
+        if 'error' not in pf:
+            for run in ('monai', 'torchio', 'fastmonai'):
+                if run in z and 'error' not in z[run]:
+                    print(f"   patchfm is {z[run]['seconds'] / pf['seconds']:.2f}x faster than {run}")
 
 
 if __name__ == '__main__':
