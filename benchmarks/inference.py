@@ -1,11 +1,12 @@
 """Inference benchmark: patchfm's file-to-file `patch_inference` against the pure network forward, MONAI and TorchIO.
 
-Run from the repo root:  python benchmarks/inference.py [--quick] [--repeats N]
+Run from the repo root:  python benchmarks/inference.py [--quick] [--repeats N] [--parts real,batch,zero] [--files N]
 
 Every measurement runs in its own subprocess (clean peak RSS, same 2 threads) and is printed as a ratio:
 1. real network (MONAI UNet 16-256, 192x192x160, patch 96^3, overlap 0.5, batch 4): end-to-end file -> NIfTI time
    over the pure forward of the same 27 patches (target <= 1.10), for patchfm and for MONAI sliding_window_inference
    with nibabel I/O;
+1b. (--parts batch) the same network on a job of --files files: the next file is read while the model runs;
 2. zero-cost model (14 output channels, 256x256x200): whole file-to-file call, patchfm vs MONAI (gaussian) and
    TorchIO GridSampler + GridAggregator('hann') with the same I/O (target: >= 1.5x faster than MONAI);
 3. peak memory of each call over the pure forward's peak.
@@ -52,11 +53,12 @@ def run_forward(args):
     torch = _setup()
     from patchfm.grid import patch_grid, extract_patches
     model = _unet() if args.model == 'unet' else ZeroCost.make()
-    x = torch.randn(1, *args.shape)
+    xs = [torch.randn(1, *args.shape) for _ in args.file.split(',')]  # one volume per file of the job
     starts = patch_grid(args.shape, (96,) * 3, 0.5)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for i in range(0, len(starts), 4): model(extract_patches(x, starts[i:i + 4], (96,) * 3))
+        for x in xs:
+            for i in range(0, len(starts), 4): model(extract_patches(x, starts[i:i + 4], (96,) * 3))
     return time.perf_counter() - t0
 
 
@@ -68,7 +70,7 @@ def run_patchfm(args):
     cfg = PatchConfig(patch_size=(96, 96, 96), patch_overlap=0.5, aggregation_mode='hann' if args.model == 'zero' else 'gaussian')
     out = Path(args.out)
     t0 = time.perf_counter()
-    res = patch_inference(model, cfg, [args.file], save_dir=out, progress=False, return_predictions=False,
+    res = patch_inference(model, cfg, args.file.split(','), save_dir=out, progress=False, return_predictions=False,
                           overwrite=True, activation=None if args.model == 'zero' else 'auto')
     assert not res.failed, res.failed
     return time.perf_counter() - t0
@@ -90,11 +92,13 @@ def run_monai(args):
     from monai.inferers import sliding_window_inference
     model = _unet() if args.model == 'unet' else ZeroCost.make()
     t0 = time.perf_counter()
-    x, aff = _nib_read(args.file)
-    with torch.no_grad():
-        y = sliding_window_inference(x, (96,) * 3, 4, model, overlap=0.5, mode='gaussian')
-    lab = torch.argmax(y[0], 0)
-    _nib_write(lab, aff, Path(args.out) / 'monai_pred.nii.gz')
+    for k, f in enumerate(args.file.split(',')):
+        x, aff = _nib_read(f)
+        with torch.no_grad():
+            y = sliding_window_inference(x, (96,) * 3, 4, model, overlap=0.5, mode='gaussian')
+        lab = torch.argmax(y[0], 0)
+        _nib_write(lab, aff, Path(args.out) / f'monai_pred_{k}.nii.gz')
+        del x, y, lab
     return time.perf_counter() - t0
 
 
@@ -103,15 +107,17 @@ def run_torchio(args):
     import torchio as tio
     model = _unet() if args.model == 'unet' else ZeroCost.make()
     t0 = time.perf_counter()
-    x, aff = _nib_read(args.file)
-    subject = tio.Subject(image=tio.ScalarImage(tensor=x[0], affine=aff))
-    sampler = tio.inference.GridSampler(subject, (96,) * 3, (48,) * 3)
-    agg = tio.inference.GridAggregator(sampler, overlap_mode='hann')
-    loader = torch.utils.data.DataLoader(sampler, batch_size=4)
-    with torch.no_grad():
-        for b in loader: agg.add_batch(model(b['image'][tio.DATA]), b[tio.LOCATION])
-    lab = torch.argmax(agg.get_output_tensor(), 0)
-    _nib_write(lab, aff, Path(args.out) / 'torchio_pred.nii.gz')
+    for k, f in enumerate(args.file.split(',')):
+        x, aff = _nib_read(f)
+        subject = tio.Subject(image=tio.ScalarImage(tensor=x[0], affine=aff))
+        sampler = tio.inference.GridSampler(subject, (96,) * 3, (48,) * 3)
+        agg = tio.inference.GridAggregator(sampler, overlap_mode='hann')
+        loader = torch.utils.data.DataLoader(sampler, batch_size=4)
+        with torch.no_grad():
+            for b in loader: agg.add_batch(model(b['image'][tio.DATA]), b[tio.LOCATION])
+        lab = torch.argmax(agg.get_output_tensor(), 0)
+        _nib_write(lab, aff, Path(args.out) / f'torchio_pred_{k}.nii.gz')
+        del x, subject, sampler, agg, lab
     return time.perf_counter() - t0
 
 
@@ -121,7 +127,7 @@ def run_fastmonai(args):
     model = _unet() if args.model == 'unet' else ZeroCost.make()
     cfg = FMConfig(patch_size=[96, 96, 96], patch_overlap=0.5, aggregation_mode='hann', apply_reorder=True)
     t0 = time.perf_counter()
-    fm_patch_inference(model, cfg, [str(args.file)], sw_batch_size=4, progress=False, save_dir=str(Path(args.out) / 'fm'))
+    fm_patch_inference(model, cfg, args.file.split(','), sw_batch_size=4, progress=False, save_dir=str(Path(args.out) / 'fm'))
     return time.perf_counter() - t0
 
 
@@ -164,7 +170,8 @@ def main():
     ap.add_argument('--file'); ap.add_argument('--out')
     ap.add_argument('--quick', action='store_true', help='smaller volumes (for a smoke run)')
     ap.add_argument('--repeats', type=int, default=3, help='best of N runs per measurement, the runs interleaved')
-    ap.add_argument('--parts', default='real,zero', help="which parts to run: 'real' (network), 'zero' (zero-cost model)")
+    ap.add_argument('--parts', default='real,zero', help="parts to run: 'real' (network, one file), 'batch' (network, a job of --files files), 'zero' (zero-cost model)")
+    ap.add_argument('--files', type=int, default=4, help="files in the 'batch' part")
     args = ap.parse_args()
     if args.run:
         args.shape = tuple(int(v) for v in args.shape.split(','))
@@ -190,6 +197,18 @@ def main():
             print(f"   {run:8s}: {r['seconds']:.2f} s = {r['seconds'] / fwd['seconds']:.3f} x forward (target <= 1.10); "
                   f"peak {r['peak_mib']:.0f} MiB = {r['peak_mib'] / fwd['peak_mib']:.2f} x forward's")
         if not has_fm: print("   fastMONAI: not installed, skipped")
+    if 'batch' in parts:  # a job of several files: the next file is read while the model runs on the current one
+        n = args.files
+        files = [tmp / f'batch_{k}.nii.gz' for k in range(n)]
+        for k, f in enumerate(files): make_volume(f, real_shape, 10 + k)
+        print(f"\n1b. the same network on a job of {n} files of {real_shape} (file -> NIfTI, each)")
+        rows = interleaved(['forward', 'patchfm', 'monai'] + (['fastmonai'] if has_fm else []), 'unet', real_shape,
+                           ','.join(map(str, files)), tmp, args.repeats)
+        fwd = rows.pop('forward')
+        print(f"   pure network forward of the {n} volumes: {fwd['seconds']:.2f} s")
+        for run, r in rows.items():
+            if 'error' in r: print(f"   {run:8s}: failed ({r['error']})"); continue
+            print(f"   {run:8s}: {r['seconds']:.2f} s = {r['seconds'] / fwd['seconds']:.3f} x forward")
     if 'zero' in parts:
         print(f"\n2. zero-cost model, 14 channels, {zero_shape}, patch 96^3, overlap 0.5 (file -> NIfTI)")
         z = interleaved(['forward', 'patchfm', 'monai', 'torchio'] + (['fastmonai'] if has_fm else []), 'zero', zero_shape,

@@ -20,7 +20,7 @@ from fastprogress.fastprogress import progress_bar
 from scipy import ndimage
 
 from .core import GridInfo, MedMask, MedicalImageError, is_exact_regrid, read_header, restore_to_original, write_nifti
-from .data import preprocess_subject, release_freed_memory
+from .data import preprocess_subject
 from .config import PatchConfig
 from .grid import PatchAggregator, crop_padding, extract_patches, pad_to_patch, patch_grid, probs_to_labels
 
@@ -182,10 +182,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
             if return_predictions: res[i] = _load_saved(_output_path(save_dir, p), config)
             continue
         todo.append(i)
-    def read(i):
-        out = preprocess_for_inference(file_paths[i], config, pre_inference_tfms)
-        release_freed_memory()  # the reader thread's freed buffers would otherwise stay resident through the forward passes
-        return out
+    read = lambda i: preprocess_for_inference(file_paths[i], config, pre_inference_tfms)
     with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next file while the model runs
         futures = {}
         if todo: futures[todo[0]] = pool.submit(read, todo[0])
@@ -214,7 +211,6 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                 msg = f"{path}: {type(e).__name__}: {e}"
                 res.failed[str(path)] = msg
                 warnings.warn(f"patch_inference skipped {msg}", RuntimeWarning, stacklevel=2)
-            release_freed_memory()  # this file's buffers: the next file starts from a trimmed heap
             res.timings.append(time.perf_counter() - t0)
     return res
 
