@@ -22,6 +22,7 @@ from scipy import ndimage
 from .core import GridInfo, MedMask, MedicalImageError, is_exact_regrid, read_header, restore_to_original, write_nifti
 from .data import preprocess_subject
 from .config import PatchConfig
+from .runtime import cpu_heap_cache, release_cached_memory
 from .grid import PatchAggregator, crop_padding, extract_patches, pad_to_patch, patch_grid, probs_to_labels
 
 # %% auto #0
@@ -115,6 +116,8 @@ def predict_volume(model: torch.nn.Module, # network (eval mode is set here)
                 if agg is None:
                     agg = PatchAggregator(xp.shape[1:], out.shape[1], patch_size, overlap, mode=mode, device=device)
                 agg.add(out, starts)
+                del b, bb, out  # free this batch before the next one is computed
+                if i == 0: release_cached_memory()  # glibc strands the first batch's blocks (see patchfm.runtime)
     finally: model.train(was_training)
     return crop_padding(agg.result(), pad)
 
@@ -164,6 +167,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                     keep_largest=None, # keep the largest component per label (default: config.keep_largest_component)
                     threshold: float = 0.5, # threshold for one-channel models
                     amp=None, # mixed precision (default: on CUDA)
+                    heap_cache: bool = True, # on CPU, keep freed memory in the process heap during the job (`cpu_heap_cache`)
                     activation='auto', # 'auto': the loss's activation, else softmax/sigmoid; None for raw outputs
                    ) -> InferenceResults:
     "Predict every file patch by patch; returns the predictions in file order (see `InferenceResults`)"
@@ -183,7 +187,8 @@ def patch_inference(learner, # fastai Learner (or a torch module)
             continue
         todo.append(i)
     read = lambda i: preprocess_for_inference(file_paths[i], config, pre_inference_tfms)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # reads the next file while the model runs
+    with cpu_heap_cache(heap_cache and _device_of(model).type == 'cpu'), \
+         ThreadPoolExecutor(max_workers=1) as pool:  # reads the next file while the model runs
         futures = {}
         if todo: futures[todo[0]] = pool.submit(read, todo[0])
         it = progress_bar(todo, leave=False) if progress and todo else todo
@@ -192,6 +197,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
             path, t0 = file_paths[i], time.perf_counter()
             try:
                 x, affine, src = futures.pop(i).result()
+                release_cached_memory()  # the reader's temporaries
                 probs = predict_volume(model, x, config.patch_size, config.overlap_voxels, config.aggregation_mode,
                                        batch_size, act, tta, config.padding_mode, amp)
                 exact = is_exact_regrid(affine, src.affine)  # only reoriented: labels can move as they are

@@ -24,6 +24,7 @@ from .losses import default_loss
 from .metrics import AccumulatedDice
 from .data import preprocess_subject
 from .inference import default_activation, predict_volume
+from .runtime import cpu_heap_cache
 
 # %% auto #0
 __all__ = ['ALLOWED_MODEL_PACKAGES', 'model_spec', 'build_model', 'save_model', 'SavedModel', 'load_model', 'SlidingWindowDice',
@@ -167,14 +168,16 @@ class SlidingWindowDice(Metric):
         n = max(self.n_classes, 2)
         tp, fp, fn = torch.zeros(n), torch.zeros(n), torch.zeros(n)
         act = default_activation(learn)
-        for img, msk in cases:
-            x, y = self._volume(img, msk, config, tfms)
-            probs = predict_volume(learn.model, x, config.patch_size, self.overlap if self.overlap is not None else config.overlap_voxels,
-                                   config.aggregation_mode, self.batch_size, act, padding_mode=config.padding_mode)
-            pred = probs_to_labels(probs).cpu().long()
-            for c in range(1, n):
-                p, t = pred == c, y == c
-                tp[c] += (p & t).sum(); fp[c] += (p & ~t).sum(); fn[c] += (~p & t).sum()
+        on_cpu = all(p.device.type == 'cpu' for p in learn.model.parameters())
+        with cpu_heap_cache(on_cpu):  # like patch_inference: activations reuse the previous batch's memory
+            for img, msk in cases:
+                x, y = self._volume(img, msk, config, tfms)
+                probs = predict_volume(learn.model, x, config.patch_size, self.overlap if self.overlap is not None else config.overlap_voxels,
+                                       config.aggregation_mode, self.batch_size, act, padding_mode=config.padding_mode)
+                pred = probs_to_labels(probs).cpu().long()
+                for c in range(1, n):
+                    p, t = pred == c, y == c
+                    tp[c] += (p & t).sum(); fp[c] += (p & ~t).sum(); fn[c] += (~p & t).sum()
         d = 2 * tp[1:] / (2 * tp[1:] + fp[1:] + fn[1:])
         self._last = float(d[~d.isnan()].mean()) if (~d.isnan()).any() else float('nan')
         return self._last
