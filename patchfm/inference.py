@@ -187,7 +187,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
             continue
         todo.append(i)
     read = lambda i: preprocess_for_inference(file_paths[i], config, pre_inference_tfms)
-    with cpu_heap_cache(heap_cache and _device_of(model).type == 'cpu'), \
+    with cpu_heap_cache(heap_cache, model=model), \
          ThreadPoolExecutor(max_workers=1) as pool:  # reads the next file while the model runs
         futures = {}
         if todo: futures[todo[0]] = pool.submit(read, todo[0])

@@ -168,8 +168,7 @@ class SlidingWindowDice(Metric):
         n = max(self.n_classes, 2)
         tp, fp, fn = torch.zeros(n), torch.zeros(n), torch.zeros(n)
         act = default_activation(learn)
-        on_cpu = all(p.device.type == 'cpu' for p in learn.model.parameters())
-        with cpu_heap_cache(on_cpu):  # like patch_inference: activations reuse the previous batch's memory
+        with cpu_heap_cache(model=learn.model):  # like patch_inference: activations reuse the previous batch's memory
             for img, msk in cases:
                 x, y = self._volume(img, msk, config, tfms)
                 probs = predict_volume(learn.model, x, config.patch_size, self.overlap if self.overlap is not None else config.overlap_voxels,

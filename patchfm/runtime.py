@@ -60,11 +60,15 @@ def heap_cache_available() -> bool:
     "Whether `cpu_heap_cache` can act here (Linux with glibc)"
     return _heap_cache.libc is not None
 
+def _on_cpu(model) -> bool:
+    return model is None or all(p.device.type == 'cpu' for p in model.parameters())
+
 @contextmanager
 def cpu_heap_cache(enable: bool = True, # False: do nothing (lets callers pass their option straight through)
+                   model=None, # a torch module: act only if its parameters are on the CPU
                   ):
     "Keep freed CPU memory in the process heap inside the block; yields whether it is active"
-    active = enable and _heap_cache.enter()
+    active = enable and _on_cpu(model) and _heap_cache.enter()
     try: yield active
     finally:
         if active: _heap_cache.exit()
@@ -79,8 +83,7 @@ class HeapCacheCallback(Callback):
     "Run `fit` inside `cpu_heap_cache` when the model is on the CPU"
     order = -20
     def before_fit(self):
-        on_cpu = all(p.device.type == 'cpu' for p in self.learn.model.parameters())
-        self._block = cpu_heap_cache(on_cpu)
+        self._block = cpu_heap_cache(model=self.learn.model)
         self.active = self._block.__enter__()
     def after_fit(self):
         block, self._block = getattr(self, '_block', None), None
