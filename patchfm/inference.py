@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torchio as tio
 from fastprogress.fastprogress import progress_bar
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 
 from .core import GridInfo, MedMask, MedicalImageError, is_exact_regrid, read_header, restore_to_original, write_nifti
 from .data import preprocess_subject
@@ -73,6 +74,8 @@ def _pad_args(padding_mode, x) -> tuple:
 # %% ../nbs/08_inference.ipynb #e9bf9241
 _FLIP_SETS = {None: [()], False: [()], True: [(), (2,), (3,), (4,)], 'all': [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]}
 
+_BIG_OUTPUT = 64 * 2**20  # bytes: a first-batch output this large is worth handing back (the next batch re-faults)
+
 def _call(model, x, patch_size):
     if getattr(model, 'conditions_on_patch_size', False): return model(x, patch_size=tuple(patch_size))
     return model(x)
@@ -116,8 +119,9 @@ def predict_volume(model: torch.nn.Module, # network (eval mode is set here)
                 if agg is None:
                     agg = PatchAggregator(xp.shape[1:], out.shape[1], patch_size, overlap, mode=mode, device=device)
                 agg.add(out, starts)
+                big_output = out.nbytes >= _BIG_OUTPUT
                 del b, bb, out  # free this batch before the next one is computed
-                if i == 0: release_cached_memory()  # glibc strands the first batch's blocks (see patchfm.runtime)
+                if i == 0 and big_output: release_cached_memory()  # glibc strands the first output (patchfm.runtime)
     finally: model.train(was_training)
     return crop_padding(agg.result(), pad)
 
@@ -149,6 +153,14 @@ class InferenceResults(list):
     def __init__(self, items=(), failed=None, paths=None, timings=None):
         super().__init__(items)
         self.failed, self.paths, self.timings = failed or {}, paths or [], timings or []
+
+def _read_on_one_thread(path, config, tfms) -> tuple:
+    "`preprocess_for_inference` for the background reader, its PyTorch ops on one OpenMP thread"
+    # A second OpenMP team (the reader's) made the model's forward passes 8-15 % slower on 2 cores even after the
+    # read had finished; on one thread the reader creates none. PyTorch sets a thread's OpenMP count on its first
+    # use, so that happens first and the limit (this thread only, restored at exit) after it.
+    torch.get_num_threads()
+    with threadpool_limits(1, user_api='openmp'): return preprocess_for_inference(path, config, tfms)
 
 def _output_path(save_dir, path, suffix='_pred') -> Path:
     return Path(save_dir) / f"{_case_name(path)}{suffix}.nii.gz"
@@ -186,7 +198,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
             if return_predictions: res[i] = _load_saved(_output_path(save_dir, p), config)
             continue
         todo.append(i)
-    read = lambda i: preprocess_for_inference(file_paths[i], config, pre_inference_tfms)
+    read = lambda i: _read_on_one_thread(file_paths[i], config, pre_inference_tfms)
     with cpu_heap_cache(heap_cache, model=model), \
          ThreadPoolExecutor(max_workers=1) as pool:  # reads the next file while the model runs
         futures = {}

@@ -132,3 +132,23 @@ def test_bad_arguments(tmp_path):
         predict_volume(Identity(), torch.zeros(1, 8, 8, 8), (8, 8, 8), tta='sometimes')
     with pytest.raises(ValueError, match=r'\(C,X,Y,Z\)'):
         predict_volume(Identity(), torch.zeros(8, 8, 8), (8, 8, 8))
+
+
+def test_background_reader_uses_one_openmp_thread(tmp_path, monkeypatch):
+    "The reader thread runs PyTorch on one thread (a second OpenMP team slows the model); the caller's count is kept"
+    import threading
+    import patchfm.inference as inf
+    seen, orig = [], inf.preprocess_for_inference
+    def spy(*a):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return orig(*a)
+    monkeypatch.setattr(inf, 'preprocess_for_inference', spy)
+    for k in range(2): write_nifti(np.full((20, 20, 12), 100. * k, np.float32), np.eye(4), tmp_path / f'c{k}.nii.gz')
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that one thread in the reader is a difference
+    try:
+        res = patch_inference(Oracle(), PatchConfig(patch_size=(16, 16, 8)), [tmp_path / 'c0.nii.gz', tmp_path / 'c1.nii.gz'], progress=False)
+        assert torch.get_num_threads() == 2
+    finally: torch.set_num_threads(before)
+    assert seen == [(False, 1), (False, 1)]
+    assert [int(r.data.max()) for r in res] == [0, 1]
