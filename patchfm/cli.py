@@ -13,10 +13,43 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['train_and_evaluate', 'cmd_demo', 'cmd_analyze', 'cmd_predict', 'build_parser', 'main']
+__all__ = ['CLIError', 'train_and_evaluate', 'cmd_demo', 'cmd_analyze', 'cmd_predict', 'build_parser', 'main']
 
 # %% ../nbs/15_cli.ipynb #10aea1d4
-def _analyse(df: pd.DataFrame, label_col: str, out_dir: Path, workers: int, divisor: int, progress: bool = True, **overrides):
+class CLIError(Exception):
+    "An ordinary user error: `main` prints it as one line `patchfm: error: ...` and exits with status 2"
+
+def _is_tty(stream=None) -> bool:
+    stream = stream or sys.stdout
+    try: return stream.isatty()
+    except (AttributeError, ValueError): return False
+
+def _read_csv(path, cols) -> pd.DataFrame:
+    "A CSV of paths: every column in `cols` present, at least one row, no blank cell (errors name the file, column and row)"
+    p = Path(path)
+    if not p.is_file(): raise CLIError(f"{p}: no such CSV file")
+    try: df = pd.read_csv(p)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e: raise CLIError(f"{p}: not a readable CSV ({e})") from None
+    for c in cols:
+        if c not in df.columns: raise CLIError(f"{p}: no column {c!r} (columns: {list(df.columns)})")
+    if not len(df): raise CLIError(f"{p}: no rows below the header")
+    for c in cols:
+        blank = [i + 2 for i, v in enumerate(df[c]) if pd.isna(v) or not str(v).strip()]  # +2: the header is line 1
+        if blank: raise CLIError(f"{p}: column {c!r} is empty on line(s) {blank[:5]}")
+    return df
+
+def _parse_label_map(items) -> dict | None:
+    "'255:0' items -> {255: 0}"
+    if not items: return None
+    out = {}
+    for it in items:
+        try: k, v = (int(x) for x in it.split(':'))
+        except ValueError: raise CLIError(f"--label-map: expected VALUE:CLASS pairs of integers like 255:0, got {it!r}") from None
+        out[k] = v
+    return out
+
+def _analyse(df: pd.DataFrame, label_col: str, out_dir: Path, workers: int, divisor: int, progress: bool = True,
+             label_map: dict | None = None, **overrides):
     "Analyse the label files of `df` and derive a PatchConfig (written to out_dir/patch_config.json)"
     from patchfm.dataset import MedDataset
     from patchfm.config import PatchConfig
@@ -30,9 +63,11 @@ def _analyse(df: pd.DataFrame, label_col: str, out_dir: Path, workers: int, divi
     print(f"\nsuggested target spacing (mm): {[round(float(s), 3) for s in sugg['target_spacing']]}"
           + (f"; using {list(ts)}" if list(ts) != list(sugg['target_spacing']) else ''))
     print(f"sizes at that spacing: min {stats['min']}  median {stats['median']}  max {stats['max']}")
-    labels = ds.label_values or [0, 1]
+    issues = ds.label_issues(label_map)
+    if issues: raise CLIError(f"{ds.label_report(label_map)} (on the command line: --label-map 255:0)")
+    labels = sorted({(label_map or {}).get(v, v) for v in ds.label_values}) or [0, 1]
     probs = {int(l): (0.2 if l == 0 else round(0.8 / max(1, len(labels) - 1), 4)) for l in labels}
-    kw = dict(sampler_type='label', label_probabilities=probs)
+    kw = dict(sampler_type='label', label_probabilities=probs, label_map=label_map)
     kw.update(overrides)
     cfg = PatchConfig.from_dataset(ds, divisor=divisor, target_spacing=ts, **kw)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -41,11 +76,20 @@ def _analyse(df: pd.DataFrame, label_col: str, out_dir: Path, workers: int, divi
     return ds, cfg
 
 def _split_test(df: pd.DataFrame, n_test: int, seed: int):
-    if not 0 <= n_test < len(df) - 1: raise SystemExit(f"--n-test must be in [0, {len(df) - 2}] for {len(df)} cases")
+    if len(df) < 3: raise CLIError(f"{len(df)} case(s): training needs at least 3 (2 to train and validate, plus --n-test held out)")
+    if not 0 <= n_test < len(df) - 1: raise CLIError(f"--n-test must be in [0, {len(df) - 2}] for {len(df)} cases, got {n_test}")
     idx = np.random.default_rng(seed).permutation(len(df))
     return df.iloc[sorted(idx[n_test:])].reset_index(drop=True), df.iloc[sorted(idx[:n_test])].reset_index(drop=True)
 
 # %% ../nbs/15_cli.ipynb #3ed31930
+def _epoch_header_cb():
+    from fastai.callback.core import Callback
+    class _EpochHeader(Callback):
+        "Print the column names once, before the Recorder's one line per epoch"
+        order = 60  # after the Recorder has set its metric names
+        def before_fit(self): print('  '.join(self.recorder.metric_names))
+    return _EpochHeader()
+
 def train_and_evaluate(train_df, test_df, cfg, out: Path, img_col='image', label_col='label', epochs=40, lr=3e-3,
                        bs=2, workers=0, seed=42, progress=True) -> pd.DataFrame:
     "Train on `train_df`, save the model, predict and evaluate `test_df`; returns the metrics table"
@@ -63,7 +107,9 @@ def train_and_evaluate(train_df, test_df, cfg, out: Path, img_col='image', label
     print(f"\n== training: {len(dls.train.subjects_dataset)} train / {len(dls.valid.subjects_dataset)} valid subjects, "
           f"{len(dls.train)} batches of {bs} per epoch, {epochs} epochs ==")
     learn = patch_learner(dls, n_classes=n_classes, sw_every=max(1, epochs // 4), path=out)
-    if not progress: learn.remove_cb(ProgressCallback)
+    if not progress or not _is_tty():  # a log file gets one line per epoch, not bar redraws
+        learn.remove_cb(ProgressCallback)
+        if progress: learn.add_cb(_epoch_header_cb())  # then the Recorder prints each epoch's values on a line
     t0 = time.perf_counter()
     learn.fit_one_cycle(epochs, lr)
     print(f"training: {time.perf_counter() - t0:.0f} s")
@@ -75,11 +121,12 @@ def train_and_evaluate(train_df, test_df, cfg, out: Path, img_col='image', label
     res = patch_inference(learn, cfg, test_df[img_col].tolist(), save_dir=out / 'predictions', progress=progress,
                           return_predictions=False, overwrite=True)
     print(f"inference: {time.perf_counter() - t0:.1f} s ({len(res.paths)} files, {len(res.failed)} failed)")
-    ok = [i for i, p in enumerate(test_df[img_col]) if str(p) not in res.failed]
-    preds = [out / 'predictions' / f"{Path(test_df[img_col][i]).name.split('.')[0]}_pred.nii.gz" for i in ok]
-    metrics = evaluate(preds, [test_df[label_col][i] for i in ok])
+    ok = [i for i, o in enumerate(res.outputs) if o is not None]  # the files patch_inference wrote, whatever their names
+    if not ok: raise CLIError(f"no held-out case could be predicted: {list(res.failed.values())[:3]}")
+    preds = [res.outputs[i] for i in ok]
+    metrics = evaluate(preds, [test_df[label_col].iloc[i] for i in ok])
     metrics.to_csv(out / 'metrics.csv', index=False)
-    _figure(test_df[img_col][ok[0]], test_df[label_col][ok[0]], preds[0], metrics, out / 'comparison.png')
+    _figure(test_df[img_col].iloc[ok[0]], test_df[label_col].iloc[ok[0]], preds[0], metrics, out / 'comparison.png')
     return metrics
 
 def _figure(img, gt, pred, metrics, fn):
@@ -108,10 +155,12 @@ def cmd_demo(args) -> int:
     out = Path(args.output); out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
+    if args.spacing is not None and args.spacing < 0: raise CLIError(f"--spacing must be > 0 mm (or 0 for the analysis suggestion), got {args.spacing}")
+    if args.patch_size and min(args.patch_size) < 1: raise CLIError(f"--patch-size must be 3 integers >= 1, got {args.patch_size}")
+    if args.epochs < 0: raise CLIError(f"--epochs must be >= 0, got {args.epochs}")
+    label_map = _parse_label_map(args.label_map)
     if args.csv:
-        df = pd.read_csv(args.csv)
-        for c in (args.img_col, args.label_col):
-            if c not in df.columns: raise SystemExit(f"{args.csv}: no column {c!r} (columns: {list(df.columns)})")
+        df = _read_csv(args.csv, (args.img_col, args.label_col))
         base = Path(args.csv).parent
         for c in (args.img_col, args.label_col): df[c] = [str(p if Path(p).is_absolute() else base / p) for p in df[c]]
         print(f"using {len(df)} cases from {args.csv}")
@@ -122,7 +171,8 @@ def cmd_demo(args) -> int:
     train_df, test_df = _split_test(df, args.n_test, args.seed)
     patch = args.patch_size or (None if args.csv else (48, 48, 48))  # demo: 96 mm, enough to see the marker
     over = dict(patch_size=tuple(patch)) if patch else {}
-    ds, cfg = _analyse(train_df, args.label_col, out, args.workers, args.divisor, progress=not args.quiet,
+    ds, cfg = _analyse(train_df, args.label_col, out, args.workers, args.divisor, progress=not args.quiet and _is_tty(),
+                       label_map=label_map,
                        target_spacing=(args.spacing,) * 3 if args.spacing else None, samples_per_volume=args.samples_per_volume,
                        queue_length=max(args.samples_per_volume, 64), queue_num_workers=args.loader_workers, **over)
     if args.epochs == 0:
@@ -137,11 +187,10 @@ def cmd_demo(args) -> int:
 def cmd_analyze(args) -> int:
     "Analyse label files given as paths or a CSV column"
     paths = args.paths
-    if len(paths) == 1 and paths[0].endswith('.csv'):
-        df = pd.read_csv(paths[0])
-        if args.label_col not in df.columns: raise SystemExit(f"{paths[0]}: no column {args.label_col!r} (columns: {list(df.columns)})")
+    if len(paths) == 1 and paths[0].endswith('.csv'): df = _read_csv(paths[0], (args.label_col,))
     else: df = pd.DataFrame({args.label_col: paths})
-    _analyse(df, args.label_col, Path(args.output), args.workers, args.divisor, progress=not args.quiet)
+    _analyse(df, args.label_col, Path(args.output), args.workers, args.divisor, progress=not args.quiet and _is_tty(),
+             label_map=_parse_label_map(args.label_map))
     return 0
 
 def cmd_predict(args) -> int:
@@ -150,7 +199,7 @@ def cmd_predict(args) -> int:
     from patchfm.inference import patch_inference
     saved = load_model(args.model)
     res = patch_inference(saved.model, saved.config, args.input, pre_inference_tfms=saved.pre_patch_tfms,
-                          save_dir=args.output, progress=not args.quiet, return_predictions=False,
+                          save_dir=args.output, progress=not args.quiet and _is_tty(), return_predictions=False,
                           overwrite=args.overwrite, tta=True if args.tta else None)
     for p in res.paths: print(p)
     for f, e in res.failed.items(): print(f"FAILED {e}", file=sys.stderr)
@@ -159,6 +208,7 @@ def cmd_predict(args) -> int:
 # %% ../nbs/15_cli.ipynb #36aecf04
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='patchfm', description='Patch-based 3D medical image segmentation')
+    p.add_argument('--debug', action='store_true', help='show the full traceback of an error')
     sub = p.add_subparsers(dest='command', required=True)
     d = sub.add_parser('demo', help='the main job on the embedded demo data (or --csv): analyse, train, predict, evaluate')
     d.add_argument('--output', default='patchfm_demo', help='output folder (default: ./patchfm_demo)')
@@ -176,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--workers', type=int, default=2, help='threads for the dataset analysis')
     d.add_argument('--divisor', type=int, default=16, help='network divisor the patch size must respect')
     d.add_argument('--quiet', action='store_true', help='no progress bars')
+    d.add_argument('--label-map', nargs='+', default=None, metavar='VALUE:CLASS', help='map mask values to classes, e.g. 255:0')
     d.set_defaults(func=cmd_demo)
     a = sub.add_parser('analyze', help='analyse label files (paths or a CSV) and suggest a PatchConfig')
     a.add_argument('paths', nargs='+'); a.add_argument('--label-col', default='label')
     a.add_argument('--output', default='.'); a.add_argument('--workers', type=int, default=2)
     a.add_argument('--divisor', type=int, default=16); a.add_argument('--quiet', action='store_true')
+    a.add_argument('--label-map', nargs='+', default=None, metavar='VALUE:CLASS', help='map mask values to classes, e.g. 255:0')
     a.set_defaults(func=cmd_analyze)
     r = sub.add_parser('predict', help='run a saved model (save_model folder) on new files')
     r.add_argument('--model', required=True); r.add_argument('--input', nargs='+', required=True)
@@ -190,10 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_predict)
     return p
 
+_USER_ERRORS = (CLIError, ValueError, OSError, KeyError)  # ValueError includes MedicalImageError; OSError FileNotFoundError
+
 def main(argv=None) -> int:
-    "Entry point of the `patchfm` command"
+    "Entry point of the `patchfm` command: user errors print one line `patchfm: error: ...` and return 2 (`--debug`: traceback)"
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try: return args.func(args)
+    except _USER_ERRORS as e:
+        if args.debug: raise
+        msg = ' '.join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__  # one line, even for lists of files
+        if isinstance(e, KeyError): msg = f"missing key {msg}"
+        print(f"patchfm: error: {msg}", file=sys.stderr)
+        return 2
 
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules and 'IPython' not in sys.modules:
     sys.exit(main())

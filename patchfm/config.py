@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/config.html.md"""
 
 # %% ../nbs/02_config.ipynb #73ce7efa
 from __future__ import annotations
-import dataclasses, json, math, os, tempfile, warnings
+import dataclasses, json, math, os, re, tempfile, warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 import torchio as tio
 from fastcore.basics import patch
 
-from .core import check_spacing, geometry_transforms
+from .core import atomic_path, check_nonfinite, check_spacing, geometry_transforms
 
 # %% auto #0
 __all__ = ['SAMPLER_TYPES', 'AGGREGATION_MODES', 'PADDING_MODES', 'PatchConfig', 'atomic_write_text', 'read_json',
@@ -32,6 +32,7 @@ def _err(name, msg): return ValueError(f"PatchConfig.{name}: {msg}")
 
 def _int3(name, v, minimum=1):
     "Validate 3 integers >= `minimum`; a single integer is broadcast"
+    if isinstance(v, (str, bytes)): raise _err(name, f"expected an integer or 3 integers, got the string {v!r}")
     vals = [v] * 3 if isinstance(v, Integral) else v
     try: vals = list(vals)
     except TypeError: raise _err(name, f"expected 3 integers, got {v!r}") from None
@@ -73,6 +74,19 @@ def _check_probs(probs):
     if sum(out.values()) <= 0: raise _err('label_probabilities', f"at least one probability must be > 0, got {probs!r}")
     return dict(sorted(out.items()))
 
+def _check_label_map(m):
+    "{mask value: class}, integers >= 0 (values not listed keep their value)"
+    if m is None: return None
+    if not isinstance(m, dict) or not m: raise _err('label_map', f"expected a non-empty dict {{mask value: class}}, got {m!r}")
+    out = {}
+    for k, v in m.items():
+        for x, what in ((k, 'mask values'), (v, 'classes')):
+            if isinstance(x, bool) or not (isinstance(x, Integral) or (isinstance(x, str) and x.strip().lstrip('-').isdigit())):
+                raise _err('label_map', f"{what} must be integers, got {x!r} in {m!r}")
+        if int(v) < 0: raise _err('label_map', f"classes must be >= 0, got {v!r} for mask value {k!r}")
+        out[int(k)] = int(v)
+    return dict(sorted(out.items()))
+
 def _check_range(rng, name='patch_size_range'):
     "(lo, hi, step) for all axes or one per axis; sizes drawn from range(lo, hi, step), hi excluded"
     if rng is None: return None
@@ -104,6 +118,8 @@ class PatchConfig:
     apply_reorder: bool = True  # reorient every volume to RAS+
     patch_size_range: tuple | None = None  # patch-size augmentation: (lo, hi, step) for all axes or per axis
     seed: int | None = None  # seed for sampling (None: random)
+    nonfinite: str | float = 'raise'  # NaN/Inf voxels on read: 'raise' (names the file), 'zero', or the number they become
+    label_map: dict | None = None  # mask values -> classes applied on read, e.g. {255: 0} (an "ignore" value to background)
 
     def __post_init__(self):
         s = lambda k, v: object.__setattr__(self, k, v)
@@ -132,6 +148,8 @@ class PatchConfig:
         s('patch_size_range', _check_range(self.patch_size_range))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
             raise _err('seed', f"must be an integer or None, got {self.seed!r}")
+        s('nonfinite', check_nonfinite(self.nonfinite, 'PatchConfig.nonfinite'))
+        s('label_map', _check_label_map(self.label_map))
 
     @property
     def overlap_voxels(self) -> tuple:
@@ -154,15 +172,9 @@ def _jsonable(v):
     return v
 
 def atomic_write_text(path, text: str) -> Path:
-    "Write `text` to `path` through a temporary file and a rename"
-    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + p.name + '-', dir=p.parent)
-    try:
-        with os.fdopen(fd, 'w') as f: f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return p
+    "Write `text` to `path` atomically (`patchfm.core.atomic_path`: a temporary file, the umask's mode, a rename)"
+    with atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8')
+    return Path(path)
 
 def read_json(path, what: str = 'file') -> dict:
     "Read a JSON object from `path`; refuses pickle and names the file in every error"
@@ -280,11 +292,36 @@ def transform_to_spec(t) -> dict:
         raise TypeError(f"{type(t).__name__}: argument value {v!r} cannot be stored as JSON")
     return dict(name=type(t).__name__, kwargs={k: conv(v) for k, v in args.items()})
 
-def transform_from_spec(spec: dict):
+_UNSAFE_TRANSFORMS = ('Lambda',)  # run arbitrary callables
+_PATHLIKE = re.compile(r'[/\\~]|\.(pt|pth|pkl|pickle|npy|npz|nii|gz|nrrd|mha|mhd|json|txt|csv|h5)$', re.I)
+
+def _unsafe_args(kwargs: dict) -> list:
+    "Arguments whose value is a path, a URL or a callable name: rebuilding would read a file (e.g. torch.load)"
+    out = []
+    def walk(k, v):
+        if isinstance(v, dict):
+            for kk, vv in v.items(): walk(f"{k}.{kk}", vv)
+        elif isinstance(v, list):
+            for x in v: walk(k, x)
+        elif isinstance(v, str) and (_PATHLIKE.search(v) or '://' in v): out.append(f"{k}={v!r}")
+    for k, v in kwargs.items(): walk(k, v)
+    return out
+
+def transform_from_spec(spec: dict, # `transform_to_spec` output
+                        trusted: bool = False, # allow transforms that run callables or read files (Lambda, paths)
+                       ):
     "Rebuild a transform described by `transform_to_spec` (TorchIO and patchfm classes only)"
     import patchfm.config as _self
+    if not isinstance(spec, dict) or not isinstance(spec.get('name'), str):
+        raise ValueError(f"a transform spec is a dict with a 'name' string, got {spec!r}")
     name, kwargs = spec['name'], spec.get('kwargs', {})
+    if not isinstance(kwargs, dict): raise ValueError(f"transform {name!r}: kwargs must be a JSON object, got {kwargs!r}")
     cls = getattr(tio, name, None) or getattr(tio.transforms, name, None) or getattr(_self, name, None)
     if not (isinstance(cls, type) and issubclass(cls, tio.Transform)):
         raise ValueError(f"unknown transform {name!r}: only TorchIO/patchfm transforms can be rebuilt from a spec")
+    if not trusted:
+        if name in _UNSAFE_TRANSFORMS: raise ValueError(f"transform {name!r} runs arbitrary code; refused (pass trusted=True to allow it)")
+        bad = _unsafe_args(kwargs)
+        if bad: raise ValueError(f"transform {name!r}: argument(s) {', '.join(bad)} name a file or URL that rebuilding would "
+                                 f"read; refused (store the values themselves, or pass trusted=True)")
     return cls(**kwargs)

@@ -7,7 +7,8 @@ Docs: https://patchfm.github.io/patchfm/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #40658445
 from __future__ import annotations
-import os, tempfile, warnings
+import os, tempfile, warnings, zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,14 +21,84 @@ from torchio.data.io import get_ras_affine_from_sitk
 from fastai.torch_core import TensorBase
 
 # %% auto #0
-__all__ = ['MedicalImageError', 'affine_spacing', 'affine_orientation', 'GridInfo', 'read_header', 'load_volume', 'check_spacing',
-           'resampled_grid', 'ResampleToSpacing', 'geometry_transforms', 'smallest_int_dtype', 'as_label_tensor',
+__all__ = ['TEMP_MARK', 'IMAGE_EXTENSIONS', 'MedicalImageError', 'current_umask', 'is_temp_file', 'atomic_path',
+           'atomic_write_bytes', 'remove_stale_temps', 'case_name', 'affine_spacing', 'affine_orientation', 'GridInfo',
+           'read_header', 'check_payload', 'check_nonfinite', 'load_volume', 'check_spacing', 'resampled_grid',
+           'ResampleToSpacing', 'geometry_transforms', 'smallest_int_dtype', 'as_label_tensor', 'remap_labels',
            'MedBase', 'MedImage', 'MedMask', 'write_nifti', 'resample_to_grid', 'is_exact_regrid',
            'restore_to_original']
 
 # %% ../nbs/00_core.ipynb #f990ec11
 class MedicalImageError(ValueError):
     "A medical image is missing, unreadable, or not what the caller expected; the message names the file."
+
+# %% ../nbs/00_core.ipynb #2947157a
+TEMP_MARK = '.patchfm-tmp-'  # in the names of the hidden temporary files of `atomic_path`
+
+def current_umask() -> int:
+    "The process umask, read from /proc where possible (setting it to read it back is process-wide and racy)"
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError): pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
+def is_temp_file(path) -> bool:
+    "True for a hidden temporary file of an unfinished (or interrupted) atomic write"
+    n = Path(path).name
+    return n.startswith('.') and (TEMP_MARK in n or n.endswith('.tmp'))
+
+@contextmanager
+def atomic_path(path, # final destination (its folder is created)
+                suffix: str = '', # suffix the temporary file keeps, for writers that choose a format by extension ('.nii.gz')
+               ):
+    "Yield a temporary path next to `path`; on success give it the umask's mode and rename it to `path`, else delete it"
+    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{p.name}{TEMP_MARK}{os.getpid()}-', suffix=suffix, dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    "Write `data` to `path` atomically (see `atomic_path`)"
+    with atomic_path(path) as tmp: tmp.write_bytes(data)
+    return Path(path)
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True
+    return True
+
+def remove_stale_temps(folder) -> list:
+    "Delete the temporary files `atomic_path` left in `folder` when their writer process is gone; returns them"
+    d, out = Path(folder), []
+    if not d.is_dir(): return out
+    for f in d.iterdir():
+        if not (f.name.startswith('.') and TEMP_MARK in f.name): continue
+        try: pid = int(f.name.split(TEMP_MARK, 1)[1].split('-', 1)[0])
+        except ValueError: continue
+        if pid == os.getpid() or _pid_alive(pid): continue
+        try: f.unlink(); out.append(f)
+        except OSError: pass
+    return out
+
+# %% ../nbs/00_core.ipynb #757f22d2
+IMAGE_EXTENSIONS = ('.nii.gz', '.nii', '.nrrd', '.nhdr', '.mha', '.mhd', '.dcm')  # stripped by `case_name`
+
+def case_name(path) -> str:
+    "The case name of `path` (a file, a DICOM folder, or a list of per-channel files: the first one)"
+    p = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    name = p.name
+    for ext in IMAGE_EXTENSIONS:
+        if name.lower().endswith(ext) and len(name) > len(ext): return name[:-len(ext)]
+    return name
 
 # %% ../nbs/00_core.ipynb #6dd98f39
 def affine_spacing(affine) -> tuple:
@@ -99,25 +170,123 @@ def read_header(path) -> GridInfo:
     n_ch = r.GetNumberOfComponents() if hasattr(r, 'GetNumberOfComponents') else r.GetNumberOfComponentsPerPixel()
     if len(size) == 4: size, n_ch = size[:3], size[3]  # 4D NIfTI: channels stored as the 4th axis
     if len(size) != 3: raise MedicalImageError(f"{p}: expected a 3D volume, found {len(size)} dimensions {tuple(size)}")
+    if p.is_file(): check_payload(p)  # a truncated NIfTI: a few bytes of reading for a sound file
     affine = get_ras_affine_from_sitk(r)
     return GridInfo(tuple(size), affine, str(p), int(n_ch))
 
 # %% ../nbs/00_core.ipynb #33004753
-def _tio_image(path, cls=tio.ScalarImage):
+def _nifti_expected_bytes(p: Path) -> int | None:
+    "Bytes up to the end of the voxel data according to a NIfTI header; None for other formats or unreadable headers"
+    if not p.name.lower().endswith(('.nii', '.nii.gz')): return None
+    try:
+        img = nib.load(str(p))
+        return int(img.dataobj.offset) + int(np.prod(img.header.get_data_shape(), dtype=np.int64)) * img.header.get_data_dtype().itemsize
+    except Exception: return None  # left to the reader, which names the problem
+
+def _gzip_length(p: Path, stop: int) -> int:
+    "Decompressed length of the gzip file `p` (all members), counting at most past `stop`; a cut stream ends the count"
+    n = 0
+    with open(p, 'rb') as f:
+        d, buf = zlib.decompressobj(31), b''
+        while n < stop:
+            if not buf:
+                buf = f.read(1 << 20)
+                if not buf: break
+            try: n += len(d.decompress(buf, 1 << 24))
+            except zlib.error: break
+            buf = d.unconsumed_tail
+            if d.eof:
+                buf = d.unused_data
+                if not buf.strip(b'\0'): buf = b''
+                d = zlib.decompressobj(31)
+    return n
+
+def check_payload(path) -> None:
+    "Raise `MedicalImageError` when a NIfTI file holds less voxel data than its header declares (a truncated file)"
+    p = Path(path)
+    need = _nifti_expected_bytes(p)
+    if need is None: return
+    gz = p.name.lower().endswith('.gz')
+    if gz:
+        try:
+            with open(p, 'rb') as f: f.seek(-4, 2); isize = int.from_bytes(f.read(4), 'little')
+        except OSError: isize = None
+        if isize == need % 2**32: return
+        have = _gzip_length(p, need)
+    else: have = p.stat().st_size
+    if have < need:
+        raise MedicalImageError(f"{p}: truncated file: its header declares {need} bytes of header and voxel data, the file "
+                                f"holds {have}{' once decompressed' if gz else ''}; copy or download it again")
+
+def _stored_nonfinite(p: Path, shape) -> tuple:
+    "(count, mask or None) of NaN/Inf values stored in a float NIfTI file (ITK's reader turns them into 0)"
+    try:
+        n = nib.load(str(p))
+        if n.header.get_data_dtype().kind != 'f': return 0, None
+        raw = np.asanyarray(n.dataobj)
+    except Exception: return 0, None
+    bad = ~np.isfinite(raw)
+    count = int(bad.sum())
+    if not count: return 0, None
+    if bad.ndim == 5 and bad.shape[3] == 1: bad = bad[:, :, :, 0]
+    bad = bad[None] if bad.ndim == 3 else np.moveaxis(bad, -1, 0)
+    return count, (torch.from_numpy(np.ascontiguousarray(bad)) if tuple(bad.shape) == tuple(shape) else None)
+
+def _check_finite(img: tio.Image, p: Path, nonfinite):
+    "Refuse (or, when asked, replace) NaN and infinite voxels"
+    t = img.data
+    if not t.is_floating_point(): return
+    bad = ~torch.isfinite(t)
+    n = int(bad.sum())
+    if not n and p.is_file() and p.name.lower().endswith(('.nii', '.nii.gz')) and bool((t == 0).any()):
+        n, bad = _stored_nonfinite(p, t.shape)  # they read as 0: only then is the file looked at again
+        if n and bad is None and nonfinite not in ('raise', 'zero'):
+            raise MedicalImageError(f"{p}: {n} voxels are NaN or infinite and their positions cannot be matched to the data; use nonfinite='zero'")
+    if not n: return
+    if nonfinite == 'raise':
+        raise MedicalImageError(f"{p}: {n} of {t.numel()} voxels are NaN or infinite; fix the file, or pass "
+                                f"nonfinite='zero' (or a number) to replace them")
+    img.set_data(t.masked_fill(bad, 0. if nonfinite == 'zero' else float(nonfinite)))
+
+def check_nonfinite(nonfinite, name: str = 'nonfinite'):
+    "Validate a `nonfinite` policy: 'raise', 'zero' or a finite number to put in place of NaN/Inf voxels"
+    if nonfinite in ('raise', 'zero'): return nonfinite
+    if isinstance(nonfinite, (int, float, np.integer, np.floating)) and not isinstance(nonfinite, bool) and np.isfinite(nonfinite):
+        return float(nonfinite)
+    raise ValueError(f"{name} must be 'raise', 'zero' or a finite number (the value NaN/Inf voxels become), got {nonfinite!r}")
+
+def _file_dims(p: Path) -> int | None:
+    try:
+        r = sitk.ImageFileReader(); r.SetFileName(str(p)); r.ReadImageInformation()
+        return int(r.GetDimension())
+    except Exception: return None
+
+# %% ../nbs/00_core.ipynb #9d560b01
+def _tio_image(path, cls=tio.ScalarImage, nonfinite='raise'):
     p = _existing(path)
+    if p.is_file():
+        nd = _file_dims(p)
+        if nd is not None and nd < 3: raise MedicalImageError(f"{p}: expected a 3D volume, the file holds a {nd}-D image")
+        check_payload(p)
     img = cls(p)
-    try: img.load()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # TorchIO's "trying NiBabel" warning: the error below names the file
+            img.load()
     except Exception as e: raise MedicalImageError(f"{p}: cannot read the image ({type(e).__name__}: {e})") from e
     if img.data.ndim != 4: raise MedicalImageError(f"{p}: expected a 3D volume, got data of shape {tuple(img.data.shape)}")
+    _check_finite(img, p, nonfinite)
     return img
 
 def load_volume(path, # a file, a DICOM folder, or a list of them (one per channel)
                 label: bool = False, # read as a label map (integer voxels)
+                nonfinite='raise', # NaN/Inf voxels: 'raise' (naming the file and the count), 'zero', or a number to put instead
                ) -> tuple:
     "Read voxels and geometry: returns `(tensor (C,X,Y,Z), GridInfo)`"
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
     if not paths: raise MedicalImageError("load_volume: no path given")
-    imgs = [_tio_image(p, tio.LabelMap if label else tio.ScalarImage) for p in paths]
+    nonfinite = check_nonfinite(nonfinite)
+    imgs = [_tio_image(p, tio.LabelMap if label else tio.ScalarImage, nonfinite) for p in paths]
     ref = GridInfo(imgs[0].spatial_shape, imgs[0].affine, str(paths[0]))
     for p, im in zip(paths[1:], imgs[1:]):
         g = GridInfo(im.spatial_shape, im.affine)
@@ -131,8 +300,13 @@ def load_volume(path, # a file, a DICOM folder, or a list of them (one per chann
 def check_spacing(target_spacing, name: str = 'target_spacing'):
     "Validate a target spacing: None, or 3 positive finite numbers (mm); returns a tuple of floats or None"
     if target_spacing is None: return None
+    if isinstance(target_spacing, (str, bytes)):
+        raise ValueError(f"{name} must be a number or 3 numbers (mm), got the string {target_spacing!r}")
     try: sp = tuple(float(s) for s in target_spacing)
-    except TypeError: sp = (float(target_spacing),) * 3
+    except TypeError:
+        try: sp = (float(target_spacing),) * 3
+        except (TypeError, ValueError): raise ValueError(f"{name} must be a number or 3 numbers (mm), got {target_spacing!r}") from None
+    except ValueError: raise ValueError(f"{name} must be a number or 3 numbers (mm), got {target_spacing!r}") from None
     if len(sp) != 3: raise ValueError(f"{name} must have 3 values (mm per axis), got {target_spacing!r}")
     if not all(np.isfinite(s) and s > 0 for s in sp): raise ValueError(f"{name} values must be positive and finite, got {target_spacing!r}")
     return sp
@@ -195,6 +369,17 @@ def as_label_tensor(t: torch.Tensor, path=None) -> torch.Tensor:
     else: lo, hi = int(t.min()), int(t.max())
     return t.to(getattr(torch, smallest_int_dtype(lo, hi).name))
 
+def remap_labels(t: torch.Tensor, # integer label tensor
+                 label_map: dict | None, # {mask value: class}; values not listed keep theirs (`PatchConfig.label_map`)
+                 path=None, # file the mask came from, for error messages
+                ) -> torch.Tensor:
+    "Map mask values to classes (e.g. {255: 0} sends an 'ignore' value to background), smallest integer type"
+    if not label_map: return t
+    src = t.to(torch.int64)
+    out = src.clone()
+    for k, v in label_map.items(): out[src == int(k)] = int(v)
+    return as_label_tensor(out, path)
+
 # %% ../nbs/00_core.ipynb #33ced48f
 class MedBase(TensorBase):
     "A (C,X,Y,Z) volume with its `affine` (voxel -> RAS+ mm) and the `source` grid of the file it came from"
@@ -204,10 +389,11 @@ class MedBase(TensorBase):
     def create(cls, fn, # path (or list of paths, one per channel)
                apply_reorder: bool = True, # reorient to RAS+
                target_spacing=None, # resample to this spacing (mm)
+               nonfinite='raise', # NaN/Inf voxels: 'raise', 'zero', or a number to put instead
               ):
         "Read `fn` and bring it into the frame given by `apply_reorder` and `target_spacing`"
         if isinstance(fn, MedBase): return fn
-        data, src = load_volume(fn, label=cls._label)
+        data, src = load_volume(fn, label=cls._label, nonfinite=nonfinite)
         img = (tio.LabelMap if cls._label else tio.ScalarImage)(tensor=data, affine=src.affine)
         for t in geometry_transforms(apply_reorder, target_spacing): img = t(img)
         return cls.from_tio(img, src)
@@ -272,15 +458,7 @@ def write_nifti(data, # (X,Y,Z) or (C,X,Y,Z) tensor/array
     img = nib.Nifti1Image(arr.astype(dtype, copy=False), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units('mm')
     img.set_qform(img.affine, code=1); img.set_sform(img.affine, code=1)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + p.name.split('.')[0] + '-', suffix=suffix, dir=p.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(p, suffix=suffix) as tmp: nib.save(img, tmp)
     return p
 
 # %% ../nbs/00_core.ipynb #94ca89f2

@@ -25,14 +25,16 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import default_device, to_device
 
-from .core import MedicalImageError, GridInfo, read_header, load_volume, as_label_tensor, resampled_grid
+from .core import (MedicalImageError, GridInfo, read_header, load_volume, as_label_tensor, resampled_grid,
+                          atomic_path, remap_labels)
 from .config import PatchConfig, PadToPatch, atomic_write_text, transform_to_spec
+from .grid import patch_starts
 
 # %% auto #0
-__all__ = ['PatchSubjects', 'preprocess_subject', 'centre_bounds', 'draw_centres', 'random_transforms', 'cache_key',
-           'cached_subject', 'seeded', 'derive_seed', 'PatchSource', 'size_choices', 'release_freed_memory',
-           'PatchStream', 'PatchDataLoader', 'show_patches', 'expected_shape', 'check_subjects', 'split_subjects',
-           'MedPatchDataLoaders', 'ReleaseWorkersCallback']
+__all__ = ['PatchSubjects', 'preprocess_subject', 'centre_bounds', 'tile_starts', 'draw_centres', 'flip_axes',
+           'random_transforms', 'cache_key', 'cached_subject', 'seeded', 'derive_seed', 'PatchSource', 'size_choices',
+           'release_freed_memory', 'PatchStream', 'PatchDataLoader', 'show_patches', 'expected_shape', 'n_tiles',
+           'check_subjects', 'split_subjects', 'MedPatchDataLoaders', 'ReleaseWorkersCallback']
 
 # %% ../nbs/04_data.ipynb #0357e9bb
 class PatchSubjects:
@@ -95,23 +97,27 @@ def preprocess_subject(image, # image path, or a list of paths (one per channel)
                        pad_size=None, # pad to at least this size as well (patch-size augmentation samples larger)
                       ) -> dict:
     "Read and preprocess a subject: dict of `image` (C,X,Y,Z) float32, `mask` (1,X,Y,Z) int, `weight`, `affine`"
-    data, grid = load_volume(image)
+    data, grid = load_volume(image, nonfinite=patch_config.nonfinite)
     ims = {_channel_key(c): tio.ScalarImage(tensor=data[c:c + 1], affine=grid.affine) for c in range(data.shape[0])}
     ref_path = image[0] if isinstance(image, (list, tuple)) else image
     if mask is not None:
-        m, mg = load_volume(mask, label=True)
+        m, mg = load_volume(mask, label=True, nonfinite=patch_config.nonfinite)
         if m.shape[0] != 1: raise MedicalImageError(f"{mask}: expected a one-channel label map, found {m.shape[0]} channels")
         _check_grid(grid, mg, 'mask', ref_path, mask)
-        ims['mask'] = tio.LabelMap(tensor=as_label_tensor(m, mask), affine=mg.affine)
+        ims['mask'] = tio.LabelMap(tensor=remap_labels(as_label_tensor(m, mask), patch_config.label_map, mask), affine=mg.affine)
     if weight is not None:
-        w, wg = load_volume(weight)
+        w, wg = load_volume(weight, nonfinite=patch_config.nonfinite)
         if w.shape[0] != 1: raise MedicalImageError(f"{weight}: expected a one-channel probability map, found {w.shape[0]} channels")
         _check_grid(grid, wg, 'probability map', ref_path, weight)
         ims['weight'] = tio.Image(tensor=w.float(), affine=wg.affine, type=tio.SAMPLING_MAP)
     subject = tio.Subject(ims)
-    for t in copy.deepcopy(patch_config.preprocessing(pre_patch_tfms, pad=pad).transforms):
-        t.copy = False  # the subject is ours: no defensive deep copy of the volumes at every step
-        subject = _pad(t, subject) if isinstance(t, PadToPatch) else t(subject)
+    try:
+        for t in copy.deepcopy(patch_config.preprocessing(pre_patch_tfms, pad=pad).transforms):
+            t.copy = False  # the subject is ours: no defensive deep copy of the volumes at every step
+            subject = _pad(t, subject) if isinstance(t, PadToPatch) else t(subject)
+    except MedicalImageError: raise
+    except Exception as e:  # e.g. ZNormalization of an all-zero image: name the file
+        raise MedicalImageError(f"{ref_path}: preprocessing failed in {type(t).__name__} ({type(e).__name__}: {e})") from e
     if pad_size is not None: subject = _pad(PadToPatch(pad_size, patch_config.padding_mode), subject)
     chans = [subject[_channel_key(c)].data for c in range(data.shape[0])]
     out = dict(image=(chans[0] if len(chans) == 1 else torch.cat(chans)).float(),
@@ -124,6 +130,12 @@ def preprocess_subject(image, # image path, or a list of paths (one per channel)
 def centre_bounds(shape, size) -> tuple:
     "Inclusive (lo, hi) range of valid patch centres per axis"
     return tuple((p // 2, s - p + p // 2) for s, p in zip(shape, size))
+
+def tile_starts(shape, # spatial shape of the (padded) volume, at least `size` on every axis
+                size, # patch size
+               ) -> np.ndarray:
+    "Start corners of non-overlapping patches that cover the whole volume (the last one on each axis ends at the border)"
+    return np.stack(np.meshgrid(*patch_starts(tuple(shape), tuple(size), 0), indexing='ij'), -1).reshape(-1, 3)
 
 def _labels_present(mask: torch.Tensor) -> list:
     m = mask.numpy().ravel() if isinstance(mask, torch.Tensor) else np.asarray(mask).ravel()
@@ -173,6 +185,21 @@ def _walk_tfms(tfms):
         yield t
         if isinstance(t, tio.Compose): yield from _walk_tfms(t.transforms)
 
+_ANATOMICAL_AXIS = {'L': 0, 'R': 0, 'A': 1, 'P': 1, 'I': 2, 'S': 2}
+
+def flip_axes(tfms, # TorchIO transforms (e.g. a loader's `patch_tfms`)
+              apply_reorder: bool = True, # volumes are in RAS+ (anatomical axis names then map to 0, 1, 2)
+             ) -> tuple:
+    "Spatial axes (0, 1, 2) that the `RandomFlip` transforms among `tfms` can mirror: the mirror images a model has seen"
+    out = set()
+    for t in _walk_tfms(tfms or []):
+        if not isinstance(t, tio.RandomFlip) or getattr(t, 'flip_probability', 1) <= 0 or getattr(t, 'probability', 1) <= 0: continue
+        for a in t.axes:
+            if isinstance(a, str):
+                if apply_reorder and a[:1].upper() in _ANATOMICAL_AXIS: out.add(_ANATOMICAL_AXIS[a[:1].upper()])
+            elif 0 <= int(a) < 3: out.add(int(a))
+    return tuple(sorted(out))
+
 def random_transforms(tfms) -> list:
     "The random transforms among `tfms` (including inside `Compose`)"
     return [t for t in _walk_tfms(tfms or []) if isinstance(t, RandomTransform)]
@@ -187,13 +214,13 @@ def cache_key(images, mask, weight, patch_config: PatchConfig, pre_patch_tfms=No
     stats = [(str(Path(p).resolve()), st.st_size, st.st_mtime_ns) for p, st in ((p, Path(p).stat()) for p in files)]
     parts = dict(files=stats, reorder=patch_config.apply_reorder, spacing=patch_config.target_spacing,
                  patch=patch_config.patch_size, pad=pad_size, padding_mode=patch_config.padding_mode,
-                 tfms=[_tfm_id(t) for t in pre_patch_tfms or []], version=1)
+                 tfms=[_tfm_id(t) for t in pre_patch_tfms or []], nonfinite=patch_config.nonfinite,
+                 label_map=patch_config.label_map, version=2)
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 def _save_npy(path: Path, a: np.ndarray):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, 'wb') as f: np.save(f, a, allow_pickle=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f: np.save(f, a, allow_pickle=False)
 
 def cached_subject(cache_dir, images, patch_config, pre_patch_tfms=None, mask=None, weight=None, pad_size=None) -> dict:
     "`preprocess_subject` through a folder of memory-mapped `.npy` volumes (adds `labels`, the labels present)"
@@ -265,7 +292,7 @@ def _translated(affine: np.ndarray, start) -> np.ndarray:
 
 # %% ../nbs/04_data.ipynb #059ab3fc
 class PatchSource(torch.utils.data.Dataset):
-    "Worker side: key `(subject, seed)` -> `samples_per_volume` preprocessed (and augmented) patches of a subject"
+    "Worker side: key `(subject, seed)` -> `samples_per_volume` preprocessed (and augmented) patches of a subject, or its tiles"
     def __init__(self, subjects: PatchSubjects, # paths of the split
                  patch_config: PatchConfig, # sampling and preprocessing settings
                  pre_patch_tfms=None, # TorchIO transforms for whole volumes
@@ -273,8 +300,9 @@ class PatchSource(torch.utils.data.Dataset):
                  sample_size=None, # size of the sampled patches (default: `patch_config.patch_size`)
                  augment: bool = True, # apply `patch_tfms`
                  cache_dir=None, # folder of preprocessed volumes (None: preprocess at every visit)
+                 tiles: bool = False, # cover the whole volume with non-overlapping patches instead of sampling (validation)
                 ):
-        store_attr('subjects,patch_config,pre_patch_tfms,patch_tfms,augment,cache_dir')
+        store_attr('subjects,patch_config,pre_patch_tfms,patch_tfms,augment,cache_dir,tiles')
         self.sample_size = tuple(int(s) for s in (sample_size or patch_config.patch_size))
         self.pad_size = self.sample_size if any(s > p for s, p in zip(self.sample_size, patch_config.patch_size)) else None
         self.tfm = tio.Compose(list(patch_tfms)) if augment and patch_tfms else None
@@ -310,18 +338,20 @@ class PatchSource(torch.utils.data.Dataset):
             v = preprocess_subject(list(images), cfg, self.pre_patch_tfms, mask=mask, weight=weight, pad_size=self.pad_size)
         else: v = cached_subject(self.cache_dir, list(images), cfg, self.pre_patch_tfms, mask, weight, self.pad_size)
         probs = cfg.label_probabilities
-        if cfg.sampler_type == 'label' and probs is not None:
+        if cfg.sampler_type == 'label' and probs is not None and not self.tiles:
             present = v.get('labels') or _labels_present(v['mask'])
             missing = sorted(set(present) - set(probs) - {0})
             if missing: raise MedicalImageError(
                 f"{mask}: contains label(s) {missing} missing from PatchConfig.label_probabilities {probs}; "
                 "add them (probability 0 never centres a patch on a label)")
-        centres = draw_centres(cfg.samples_per_volume, np.random.default_rng(seed), tuple(v['image'].shape[1:]), size,
-                               cfg.sampler_type, v['mask'], probs, v.get('weight'), name=weight or mask)
+        if self.tiles: starts = tile_starts(tuple(v['image'].shape[1:]), size).tolist()
+        else:
+            centres = draw_centres(cfg.samples_per_volume, np.random.default_rng(seed), tuple(v['image'].shape[1:]), size,
+                                   cfg.sampler_type, v['mask'], probs, v.get('weight'), name=weight or mask)
+            starts = [[int(ci) - p // 2 for ci, p in zip(c, size)] for c in centres]
         xs, ys, locs = [], [], []
         _reseed(derive_seed(seed, 1))  # augmentation draws must not depend on what preprocessing consumed (e.g. a cache hit)
-        for j, c in enumerate(centres):
-            start = [int(ci) - p // 2 for ci, p in zip(c, size)]
+        for j, start in enumerate(starts):
             x, y = _crop(v['image'], start, size), _crop(v['mask'], start, size)  # views: `place` copies them
             if self.tfm is not None:
                 x, y = self._augment(_copy(x), _copy(y, dtype=_label_dtype(y.dtype)), _translated(v['affine'], start))
@@ -581,10 +611,12 @@ class PatchDataLoader(DataLoader):
                  cache_dir=None, # folder of preprocessed volumes (None: preprocess at every visit)
                  persistent_workers: bool | None = None, # keep workers and buffer between epochs (default: shuffled training loaders)
                  worker_nice: int = 5, # lower the workers' priority by this much (0: same as the training loop)
+                 tiles: bool = False, # (validation) cover every volume with non-overlapping patches instead of sampling
                  **kwargs): # other fastai `DataLoader` arguments
         dataset = PatchSubjects() if dataset is None else dataset
         patch_config = PatchConfig() if patch_config is None else patch_config
-        n = len(dataset) * patch_config.samples_per_volume
+        if tiles and train: raise ValueError("tiles=True is for validation loaders (train=False): training patches are sampled")
+        n = n_tiles(dataset, patch_config) if tiles else len(dataset) * patch_config.samples_per_volume
         if drop_last is None: drop_last = train and n >= bs
         if isinstance(prefetch_factor, bool) or not isinstance(prefetch_factor, Integral) or prefetch_factor < 1:
             raise ValueError(f"prefetch_factor must be an integer >= 1, got {prefetch_factor!r}")
@@ -592,7 +624,7 @@ class PatchDataLoader(DataLoader):
         super().__init__(dataset, bs=bs, num_workers=0, shuffle=shuffle, drop_last=drop_last, n=n, device=device, **kwargs)
         if isinstance(worker_nice, bool) or not isinstance(worker_nice, Integral) or not 0 <= worker_nice <= 19:
             raise ValueError(f"worker_nice must be an integer in [0, 19], got {worker_nice!r}")
-        store_attr('patch_config,pre_patch_tfms,patch_tfms,train,seed,prefetch_factor,mp_context,cache_dir,persistent_workers,worker_nice')
+        store_attr('patch_config,pre_patch_tfms,patch_tfms,train,seed,prefetch_factor,mp_context,cache_dir,persistent_workers,worker_nice,tiles')
         self.num_workers_, self.epoch = int(num_workers), 0
         rng_ = patch_config.patch_size_range if train else None
         self.size_choices = size_choices(rng_) if rng_ else None
@@ -614,7 +646,8 @@ class PatchDataLoader(DataLoader):
                   pre_patch_tfms=self.pre_patch_tfms, patch_tfms=self.patch_tfms, bs=self.bs, shuffle=self.shuffle,
                   drop_last=self.drop_last, train=self.train, num_workers=self.num_workers_, seed=self.seed,
                   device=self.device, prefetch_factor=self.prefetch_factor, mp_context=self.mp_context,
-                  cache_dir=self.cache_dir, persistent_workers=self.persistent_workers, worker_nice=self.worker_nice)
+                  cache_dir=self.cache_dir, persistent_workers=self.persistent_workers, worker_nice=self.worker_nice,
+                  tiles=self.tiles)
         if 'get_idxs' in self.__dict__: kw['get_idxs'] = self.__dict__['get_idxs']
         for k in ('after_batch', 'before_iter', 'after_iter'):
             if k in self.__dict__: kw[k] = self.__dict__[k]
@@ -639,7 +672,7 @@ class PatchDataLoader(DataLoader):
 
     def _source(self) -> PatchSource:
         return PatchSource(self.dataset, self.patch_config, self.pre_patch_tfms, self.patch_tfms,
-                           sample_size=self.sample_size, augment=self.train, cache_dir=self.cache_dir)
+                           sample_size=self.sample_size, augment=self.train, cache_dir=self.cache_dir, tiles=self.tiles)
 
     def _queue_length(self) -> int:
         "Patches the shuffle buffer is topped up to before each batch (a FIFO is topped up only as needed)"
@@ -647,7 +680,7 @@ class PatchDataLoader(DataLoader):
 
     def _signature(self) -> tuple:
         "What the stream's workers and buffer were made with: a change starts a new stream"
-        return (self.dataset, self.patch_config, self.pre_patch_tfms, self.patch_tfms, self.sample_size, self.train,
+        return (self.dataset, self.patch_config, self.pre_patch_tfms, self.patch_tfms, self.sample_size, self.train, self.tiles,
                 self.shuffle, self.seed, self.cache_dir, self.num_workers_, self.prefetch_factor, self.mp_context, self.worker_nice)
 
     @property
@@ -834,6 +867,16 @@ def expected_shape(grid: GridInfo, patch_config: PatchConfig) -> tuple:
     A = np.diag(list(np.asarray(grid.spacing)[np.argsort(np.abs(grid.affine[:3, :3]).argmax(0))] if patch_config.apply_reorder else grid.spacing) + [1.0])
     return resampled_grid(shape, A, patch_config.target_spacing)[0]
 
+def n_tiles(subjects: PatchSubjects, # the subjects of a split
+            patch_config: PatchConfig, # gives orientation, spacing and patch size
+           ) -> int:
+    "Number of non-overlapping patches that tile every subject after preprocessing and padding (from the headers)"
+    total = 0
+    for ims in subjects.images:
+        shape = [max(s, p) for s, p in zip(expected_shape(read_header(ims[0]), patch_config), patch_config.patch_size)]
+        total += len(tile_starts(shape, patch_config.patch_size))
+    return total
+
 def check_subjects(subjects: PatchSubjects, # all subjects
                    patch_config: PatchConfig, # for the size check
                    max_workers: int = 8, # threads reading headers
@@ -920,6 +963,7 @@ class MedPatchDataLoaders(DataLoaders):
                 cache_dir=None, # folder for preprocessed volumes reused across visits and runs (None: no cache)
                 persistent_workers: bool | None = None, # keep workers and buffer between epochs (None: training loader only)
                 worker_nice: int = 5, # lower the workers' priority by this much, so that busy CPUs serve training first
+                valid_tiles: bool = True, # validation patches tile each validation volume (metrics score whole volumes); False: sampled like training
                ) -> MedPatchDataLoaders:
         "Lazy patch loaders from a DataFrame of paths"
         cfg = PatchConfig() if patch_config is None else patch_config
@@ -956,7 +1000,7 @@ class MedPatchDataLoaders(DataLoaders):
                   prefetch_factor=prefetch_factor, cache_dir=None if cache_dir is None else str(cache_dir),
                   persistent_workers=persistent_workers, worker_nice=worker_nice)
         train = PatchDataLoader(subjects.subset(t_idx), patch_tfms=ptf, shuffle=True, train=True, **kw)
-        valid = PatchDataLoader(subjects.subset(v_idx), patch_tfms=ptf, shuffle=False, train=False, **kw)
+        valid = PatchDataLoader(subjects.subset(v_idx), patch_tfms=ptf, shuffle=False, train=False, tiles=bool(valid_tiles), **kw)
         return cls(train, valid, path=path, device=device)
 
 # %% ../nbs/04_data.ipynb #6d28559e

@@ -8,7 +8,7 @@ Docs: https://patchfm.github.io/patchfm/dataset.html.md"""
 
 # %% ../nbs/01_dataset.ipynb #c3cabf6b
 from __future__ import annotations
-import os
+import os, warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from numbers import Integral, Real
 from pathlib import Path
@@ -20,7 +20,7 @@ import torch
 from fastcore.basics import patch, store_attr
 from fastprogress.fastprogress import progress_bar
 
-from .core import (GridInfo, MedicalImageError, MedImage, MedMask, as_label_tensor, check_spacing,
+from .core import (GridInfo, MedicalImageError, MedImage, MedMask, as_label_tensor, check_spacing, is_temp_file,
                           load_volume, read_header, resampled_grid)
 
 # %% auto #0
@@ -62,7 +62,9 @@ def label_counts(data, # integer label array or tensor (any shape)
 # %% ../nbs/01_dataset.ipynb #9cc72470
 IMAGE_SUFFIXES = ('.nii', '.nii.gz', '.nrrd', '.nhdr', '.mha', '.mhd')  # files `MedDataset(path=...)` picks up
 
-def _is_image_file(p: Path) -> bool: return p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+def _is_image_file(p: Path) -> bool:
+    "An image file a folder scan picks up: hidden files (e.g. temporary files of an interrupted write) are skipped"
+    return p.is_file() and not p.name.startswith('.') and not is_temp_file(p) and p.name.lower().endswith(IMAGE_SUFFIXES)
 
 def scan_file(path, # image file or DICOM folder
               is_mask: bool = False, # read the voxels and count labels
@@ -145,6 +147,8 @@ class MedDataset:
         scans = _scan_all(paths, self.is_mask, int(max_workers), progress)
         self.grids = [g for g, _ in scans]
         self.df = self._table(scans, index)
+        if self.is_mask and self.label_issues():
+            warnings.warn(f"MedDataset: {self.label_report()}", UserWarning, stacklevel=2)
 
     @classmethod
     def from_df(cls, df, # DataFrame with one row per case
@@ -179,6 +183,31 @@ class MedDataset:
         "Sorted label values found in any mask (None for images)"
         if not self.is_mask: return None
         return sorted(int(c[len('label_'):]) for c in self.df.columns if c.startswith('label_'))
+
+    def label_issues(self, label_map: dict | None = None, # {mask value: class} applied first (`PatchConfig.label_map`)
+                    ) -> dict:
+        "Values that keep the labels from being the classes 0..K-1: `{'missing': [...], 'stray': {value: [files]}}` ({} if none)"
+        if not self.is_mask: return {}
+        m = {int(k): int(v) for k, v in (label_map or {}).items()}
+        vals = sorted({m.get(v, v) for v in self.label_values})
+        if not vals or vals == list(range(len(vals))): return {}
+        missing = sorted(set(range(max(vals[-1], 0) + 1)) - set(vals))
+        gap = missing[0] if missing else vals[-1] + 1
+        stray = [v for v in vals if v < 0 or v > gap]
+        src = {c: [v for v in self.label_values if m.get(v, v) == c] for c in stray}
+        files = {c: self.df.path[(self.df[[f'label_{v}' for v in src[c]]] > 0).any(axis=1)].tolist() for c in stray}
+        return dict(missing=[v for v in missing if v < (stray[0] if stray else vals[-1])], stray=files)
+
+    def label_report(self, label_map: dict | None = None) -> str:
+        "One paragraph on `label_issues`: stray values with the files holding them, missing classes, and the remedy"
+        iss = self.label_issues(label_map)
+        if not iss: return ''
+        parts = []
+        for v, fs in iss['stray'].items():
+            parts.append(f"label {v} in {len(fs)} file(s) ({', '.join(fs[:3])}{', ...' if len(fs) > 3 else ''})")
+        if iss['missing']: parts.append(f"no voxel holds label(s) {iss['missing']}")
+        return ("masks hold labels that are not the classes 0..K-1: " + '; '.join(parts) +
+                ". Map stray values (e.g. 255 meaning 'ignore') with PatchConfig(label_map={255: 0}), or fix the masks")
 
     def __len__(self): return len(self.paths)
 

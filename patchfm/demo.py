@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from fastcore.meta import delegates
 
+from .core import atomic_path
+
 # %% auto #0
 __all__ = ['DEMO_CLASSES', 'DEMO_INTENSITIES', 'MARKER_THICKNESS_MM', 'LOCAL_VIEW_MM', 'DemoIntensities', 'make_demo_volume',
            'make_demo_dataset']
@@ -235,12 +237,7 @@ def _save_nifti(array, affine, path):
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units('mm')
-    tmp = path.with_name(f'.tmp-{os.getpid()}-{path.name}')
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    with atomic_path(path, suffix='.nii.gz' if path.name.endswith('.gz') else '.nii') as tmp: nib.save(img, tmp)
     return path
 
 # %% ../nbs/14_demo.ipynb #3b1a76de

@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/inference.html.md"""
 
 # %% ../nbs/08_inference.ipynb #9e3c6bbe
 from __future__ import annotations
-import time, warnings
+import itertools, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,15 +20,16 @@ from fastprogress.fastprogress import progress_bar
 from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
-from .core import GridInfo, MedMask, MedicalImageError, is_exact_regrid, read_header, restore_to_original, write_nifti
-from .data import preprocess_subject
+from .core import (GridInfo, MedMask, MedicalImageError, case_name, check_payload, is_exact_regrid, read_header,
+                          remove_stale_temps, restore_to_original, write_nifti)
+from .data import flip_axes, preprocess_subject
 from .config import PatchConfig
 from .runtime import cpu_heap_cache, release_cached_memory
 from .grid import PatchAggregator, crop_padding, extract_patches, pad_to_patch, patch_grid, probs_to_labels
 
 # %% auto #0
 __all__ = ['default_activation', 'preprocess_for_inference', 'predict_volume', 'keep_largest_component',
-           'probabilities_to_original', 'InferenceResults', 'patch_inference']
+           'probabilities_to_original', 'InferenceResults', 'check_model_fits', 'tta_flips', 'patch_inference']
 
 # %% ../nbs/08_inference.ipynb #d3e03e61
 def _model_of(learner) -> torch.nn.Module:
@@ -45,13 +46,6 @@ def default_activation(learner):
     act = getattr(getattr(learner, 'loss_func', None), 'activation', None)
     if callable(act): return act
     return lambda x: torch.sigmoid(x) if x.shape[1] == 1 else torch.softmax(x, 1)
-
-def _case_name(path) -> str:
-    p = Path(path[0] if isinstance(path, (list, tuple)) else path)
-    name = p.name
-    for ext in ('.nii.gz', '.nii', '.nrrd', '.mha', '.mhd', '.dcm'):
-        if name.lower().endswith(ext): return name[:-len(ext)]
-    return name
 
 # %% ../nbs/08_inference.ipynb #fc8b6359
 def preprocess_for_inference(path, # image file, DICOM folder, or list of them (channels)
@@ -149,10 +143,12 @@ def probabilities_to_original(probs: torch.Tensor, # (C,X,Y,Z) probabilities on 
 
 # %% ../nbs/08_inference.ipynb #632b5b1c
 class InferenceResults(list):
-    "Predictions in file order (None for a file that failed); `.failed` maps each failed file to its error, `.paths` lists written files"
-    def __init__(self, items=(), failed=None, paths=None, timings=None):
+    """Predictions in file order (None for a file that failed); `.failed` maps each failed file to its error, `.paths`
+    lists written (or reused) files, `.outputs` gives each input's output file in input order (None: failed or not saved)"""
+    def __init__(self, items=(), failed=None, paths=None, timings=None, outputs=None):
         super().__init__(items)
         self.failed, self.paths, self.timings = failed or {}, paths or [], timings or []
+        self.outputs = outputs if outputs is not None else [None] * len(self)
 
 def _read_on_one_thread(path, config, tfms) -> tuple:
     "`preprocess_for_inference` for the background reader, its PyTorch ops on one OpenMP thread"
@@ -163,7 +159,66 @@ def _read_on_one_thread(path, config, tfms) -> tuple:
     with threadpool_limits(1, user_api='openmp'): return preprocess_for_inference(path, config, tfms)
 
 def _output_path(save_dir, path, suffix='_pred') -> Path:
-    return Path(save_dir) / f"{_case_name(path)}{suffix}.nii.gz"
+    return Path(save_dir) / f"{case_name(path)}{suffix}.nii.gz"
+
+def _check_unique_outputs(save_dir, file_paths):
+    "Refuse, before anything runs, two inputs that would write the same output file"
+    seen = {}
+    for p in file_paths:
+        out = _output_path(save_dir, p)
+        if out in seen:
+            raise ValueError(f"patch_inference: inputs {seen[out]} and {p} would both write {out} (the same case name "
+                             f"{case_name(p)!r}); rename one, or predict them into different save_dir folders")
+        seen[out] = p
+
+def _reusable(out: Path, path) -> bool:
+    "True when an existing output is complete and lies on the grid of its input (shape and affine of the header)"
+    try:
+        check_payload(out)
+        src, got = read_header(path[0] if isinstance(path, (list, tuple)) else path), read_header(out)
+    except (MedicalImageError, OSError): return False
+    return got.same_grid(src) and got.n_channels == 1
+
+def _model_channels(model) -> tuple:
+    "(in_channels, out_channels) a model declares (attributes or `init_kwargs`, as MONAI nets and patchfm's); None if unknown"
+    m = getattr(model, 'module', model)
+    kw = getattr(m, 'init_kwargs', None) or {}
+    ok = lambda v: int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
+    return tuple(ok(getattr(m, k, kw.get(k) if isinstance(kw, dict) else None)) for k in ('in_channels', 'out_channels'))
+
+def check_model_fits(model, # the network
+                     config: PatchConfig, # the training config
+                     path, # the first input (a file or a list of per-channel files)
+                    ):
+    "Check once, before any file is predicted, that the model's channels fit the input and the config's classes"
+    cin, cout = _model_channels(model)
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    try: n_in = sum(read_header(p).n_channels for p in paths)
+    except MedicalImageError: n_in = None  # that file fails on its own, in `.failed`
+    if cin is not None and n_in is not None and cin != n_in:
+        raise ValueError(f"the model takes {cin} input channel(s) but {paths[0]} has {n_in}: the image channels at inference "
+                         f"must be those of training (pass one file per channel as a list)")
+    probs = config.label_probabilities
+    if cout is not None and probs:
+        n_cls = max(probs) + 1
+        if not (cout == n_cls or (cout == 1 and n_cls == 2)):
+            raise ValueError(f"the model has {cout} output channel(s) but the config's label_probabilities {sorted(probs)} "
+                             f"imply {n_cls} classes: this model was not trained with this PatchConfig")
+
+def tta_flips(learner, # a fastai Learner (its `dls.patch_tfms` tell which flips training used) or a bare module
+              config: PatchConfig, # the training config (`apply_reorder` resolves anatomical axis names)
+             ) -> list:
+    "Flip sets for `tta='auto'`: every combination of the axes the training's `RandomFlip` could mirror, as dims of a (B,C,X,Y,Z) batch"
+    axes = flip_axes(getattr(getattr(learner, 'dls', None), 'patch_tfms', None), config.apply_reorder)
+    return [tuple(a + 2 for a in c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+def _check_args(batch_size, tta, threshold):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"patch_inference: batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(tta, (list, tuple)) and (isinstance(tta, str) and tta not in ('all', 'auto') or not isinstance(tta, str) and tta not in _FLIP_SETS):
+        raise ValueError(f"patch_inference: tta must be 'auto', None, True, 'all' or a list of flip-axis tuples, got {tta!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"patch_inference: threshold must be a number in [0, 1], got {threshold!r}")
 
 def patch_inference(learner, # fastai Learner (or a torch module)
                     config: PatchConfig, # the PatchConfig used in training
@@ -175,7 +230,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                     return_predictions: bool = True, # keep label maps (uint8, preprocessed frame) in the result
                     return_probabilities: bool = False, # keep probabilities (preprocessed frame) instead of labels
                     overwrite: bool = False, # re-predict files whose output exists
-                    tta=None, # test-time flips: None, True (each axis), 'all' (8 flips)
+                    tta='auto', # test-time mirroring: 'auto' (the flips training used, see `tta_flips`), None, True (each axis), 'all' (8 flips)
                     keep_largest=None, # keep the largest component per label (default: config.keep_largest_component)
                     threshold: float = 0.5, # threshold for one-channel models
                     amp=None, # mixed precision (default: on CUDA)
@@ -186,18 +241,27 @@ def patch_inference(learner, # fastai Learner (or a torch module)
     if not isinstance(config, PatchConfig): raise TypeError(f"config must be a PatchConfig, got {type(config).__name__}")
     if isinstance(file_paths, (str, Path)): file_paths = [file_paths]
     file_paths = list(file_paths)
+    _check_args(batch_size, tta, threshold)
     model = _model_of(learner)
+    if isinstance(tta, str) and tta == 'auto': tta = tta_flips(learner, config)
     if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)
     act = default_activation(learner) if activation == 'auto' else activation
     keep_largest = config.keep_largest_component if keep_largest is None else keep_largest
     res = InferenceResults([None] * len(file_paths))
     todo = []
+    if save_dir is not None:
+        _check_unique_outputs(save_dir, file_paths)
+        remove_stale_temps(save_dir)  # what a killed run left behind
     for i, p in enumerate(file_paths):
-        if save_dir is not None and not overwrite and _output_path(save_dir, p).exists():
-            res.paths.append(_output_path(save_dir, p))
-            if return_predictions: res[i] = _load_saved(_output_path(save_dir, p), config)
-            continue
+        out = None if save_dir is None else _output_path(save_dir, p)
+        if out is not None and not overwrite and out.exists() and _reusable(out, p):
+            try: saved = _load_saved(out, config) if return_predictions else None
+            except Exception: saved = None  # unreadable after all: predicted again
+            else:
+                res[i], res.outputs[i] = saved, out
+                res.paths.append(out); continue
         todo.append(i)
+    if todo: check_model_fits(model, config, file_paths[todo[0]])
     read = lambda i: _read_on_one_thread(file_paths[i], config, pre_inference_tfms)
     with cpu_heap_cache(heap_cache, model=model), \
          ThreadPoolExecutor(max_workers=1) as pool:  # reads the next file while the model runs
@@ -220,13 +284,14 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                     else:
                         orig = probabilities_to_original(probs, affine, src, threshold)
                         if keep_largest: orig = keep_largest_component(orig)
-                    res.paths.append(write_nifti(orig, src.affine, _output_path(save_dir, path)))
+                    res.outputs[i] = write_nifti(orig, src.affine, _output_path(save_dir, path))
+                    res.paths.append(res.outputs[i])
                     del orig
                 if return_probabilities: res[i] = probs.cpu()
                 elif return_predictions: res[i] = MedMask(lab[None], affine=affine, source=src)
                 del probs, lab
             except Exception as e:
-                msg = f"{path}: {type(e).__name__}: {e}"
+                msg = f"{type(e).__name__}: {e}" if str(e).startswith(str(path)) else f"{path}: {type(e).__name__}: {e}"
                 res.failed[str(path)] = msg
                 warnings.warn(f"patch_inference skipped {msg}", RuntimeWarning, stacklevel=2)
             res.timings.append(time.perf_counter() - t0)
@@ -234,4 +299,5 @@ def patch_inference(learner, # fastai Learner (or a torch module)
 
 
 def _load_saved(path, config) -> MedMask:
+    "An existing prediction in the preprocessed frame (as `patch_inference` returns labels)"
     return MedMask.create(path, apply_reorder=config.apply_reorder, target_spacing=config.target_spacing)

@@ -7,17 +7,20 @@ Docs: https://patchfm.github.io/patchfm/learner.html.md"""
 
 # %% ../nbs/09_learner.ipynb #20bdb41e
 from __future__ import annotations
-import importlib, inspect, json
+import importlib, inspect, json, re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from fastai.learner import Learner, Metric
 import fastai.callback.all  # noqa: F401 (adds fit_one_cycle, lr_find, SaveModelCallback... to Learner)
 from fastcore.basics import store_attr
 
+from .core import atomic_path
 from .config import PatchConfig, atomic_write_text, read_json, transform_from_spec, transform_to_spec
 from .grid import probs_to_labels
 from .losses import default_loss
@@ -58,7 +61,37 @@ def model_spec(model: torch.nn.Module, model_kwargs: dict | None = None) -> dict
                     raise ValueError(f"{path}: cannot find constructor argument {name!r} on the model; pass model_kwargs= to save_model")
     return dict(model_class=path, model_kwargs=_jsonable(dict(model_kwargs), path))
 
-def build_model(spec: dict) -> torch.nn.Module:
+# constructor arguments that fetch weights or read files (MONAI's `pretrained=True` downloads): refused unless trusted
+_RISKY_KWARG = re.compile(r'pretrain|url|download|hub|ckpt|checkpoint_path|weights?$|weights_path|(^|_)(path|file|dir|root)$|cache', re.I)
+
+def _risky_kwargs(kwargs: dict) -> list:
+    "Constructor arguments that could fetch from the network or read a file"
+    out = []
+    def walk(k, v):
+        if isinstance(v, dict):
+            for kk, vv in v.items(): walk(f"{k}.{kk}", vv)
+        elif isinstance(v, list):
+            for x in v: walk(k, x)
+        elif isinstance(v, str) and re.search(r'^[a-z][a-z0-9+.-]*://', v, re.I): out.append(f"{k}={v!r}")
+    for k, v in kwargs.items():
+        if _RISKY_KWARG.search(str(k)) and v not in (None, False, '', 0): out.append(f"{k}={v!r}")
+        else: walk(k, v)
+    return out
+
+@contextmanager
+def _no_unsafe_loading():
+    "While a model is built: `torch.load` only with weights_only=True, and no downloads through torch.hub"
+    import torch.hub as hub
+    orig = torch.load, hub.load_state_dict_from_url, hub.download_url_to_file
+    def safe_load(*a, **k): k['weights_only'] = True; return orig[0](*a, **k)
+    def no_download(url, *a, **k): raise PermissionError(f"patchfm.load_model: building the model tried to download {url}; refused")
+    torch.load, hub.load_state_dict_from_url, hub.download_url_to_file = safe_load, no_download, no_download
+    try: yield
+    finally: torch.load, hub.load_state_dict_from_url, hub.download_url_to_file = orig
+
+def build_model(spec: dict, # `model_spec` output (e.g. read from model.json)
+                trusted: bool = False, # allow constructor arguments that fetch weights or read files (`pretrained=True`, paths, URLs)
+               ) -> torch.nn.Module:
     "Rebuild a model from `model_spec` output; only classes from `ALLOWED_MODEL_PACKAGES` are constructed"
     path = spec['model_class']
     mod_name, _, cls_name = path.rpartition('.')
@@ -66,7 +99,12 @@ def build_model(spec: dict) -> torch.nn.Module:
         raise ValueError(f"model class {path!r} is not in the allowed packages {ALLOWED_MODEL_PACKAGES}")
     cls = getattr(importlib.import_module(mod_name), cls_name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)): raise ValueError(f"{path!r} is not a torch module class")
-    return cls(**spec.get('model_kwargs', {}))
+    kwargs = spec.get('model_kwargs', {})
+    if not isinstance(kwargs, dict): raise ValueError(f"model_kwargs of {path!r} must be a JSON object, got {type(kwargs).__name__}")
+    risky = [] if trusted else _risky_kwargs(kwargs)
+    if risky: raise ValueError(f"{path}: model_kwargs {', '.join(risky)} would fetch weights or read files while building the "
+                               f"model; refused (pass trusted=True if you trust this model folder)")
+    with _no_unsafe_loading(): return cls(**kwargs)
 
 # %% ../nbs/09_learner.ipynb #e003df10
 def _versions() -> dict:
@@ -90,8 +128,7 @@ def save_model(learn, # fastai Learner (or a torch module)
     spec = model_spec(model, model_kwargs)
     p = Path(path); p.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in getattr(model, 'module', model).state_dict().items()}
-    tmp = p / '.model.safetensors.tmp'
-    save_file(state, str(tmp)); tmp.replace(p / 'model.safetensors')
+    with atomic_path(p / 'model.safetensors') as tmp: save_file(state, str(tmp))
     config.save(p / 'config.json')
     desc = dict(spec, pre_patch_tfms=[transform_to_spec(t) for t in pre_patch_tfms], versions=_versions(), extra=extra or {})
     atomic_write_text(p / 'model.json', json.dumps(desc, indent=2))
@@ -105,22 +142,46 @@ class SavedModel:
     pre_patch_tfms: list
     description: dict
 
+def _read_weights(f: Path) -> dict:
+    "Tensors of a safetensors file; a pickle (torch.save) or a damaged file is refused naming it"
+    head = f.read_bytes()[:2] if f.stat().st_size else b''
+    if head[:1] == b'\x80' or head == b'PK':
+        raise ValueError(f"{f}: this is a pickle / torch.save file, not safetensors; patchfm never unpickles weights (unsafe)")
+    try: return load_file(str(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); was it truncated?") from None
+
+def _check_fits(model, state: dict, f: Path, model_class: str):
+    "Names and shapes of the weights must be those of the model built from model.json"
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{f}: weights do not fit {model_class} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad: raise ValueError(f"{f}: {len(bad)} weight shape(s) do not fit {model_class} as model.json describes it, e.g. {'; '.join(bad[:3])}")
+
 def load_model(path, # folder written by `save_model`
                device=None, # where to put the model (default: CUDA when available)
+               trusted: bool = False, # trust the folder: allow model arguments and transforms that fetch or read other files
               ) -> SavedModel:
-    "Rebuild a model saved by `save_model` (no pickle involved); the model is in eval mode"
+    "Rebuild a model saved by `save_model` (no pickle, no network); the model is in eval mode"
     p = Path(path)
     for f in ('model.safetensors', 'config.json', 'model.json'):
         if not (p / f).exists(): raise FileNotFoundError(f"{p / f}: missing; expected a folder written by save_model")
     desc = read_json(p / 'model.json', 'model description')
-    model = build_model(desc)
-    state = load_file(str(p / 'model.safetensors'))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected: raise ValueError(f"{p / 'model.safetensors'}: weights do not fit {desc['model_class']} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if not isinstance(desc.get('model_class'), str): raise ValueError(f"{p / 'model.json'}: no 'model_class' string")
+    config = PatchConfig.load(p / 'config.json')
+    try:
+        with _no_unsafe_loading(): tfms = [transform_from_spec(s, trusted=trusted) for s in desc.get('pre_patch_tfms', [])]
+    except (ValueError, TypeError) as e: raise ValueError(f"{p / 'model.json'}: pre_patch_tfms: {e}") from None
+    try: model = build_model(desc, trusted=trusted)
+    except (ValueError, TypeError) as e: raise ValueError(f"{p / 'model.json'}: {e}") from None
+    state = _read_weights(p / 'model.safetensors')
+    _check_fits(model, state, p / 'model.safetensors', desc['model_class'])
+    model.load_state_dict(state)
     device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model.to(device).eval()
-    tfms = [transform_from_spec(s) for s in desc.get('pre_patch_tfms', [])]
-    return SavedModel(model, PatchConfig.load(p / 'config.json'), tfms, desc)
+    return SavedModel(model, config, tfms, desc)
 
 # %% ../nbs/09_learner.ipynb #ba91e428
 def _split_paths(dl) -> list:
@@ -199,7 +260,13 @@ def default_unet(in_channels: int, out_channels: int, patch_size=None,
 def _n_classes(dls, n_classes):
     if n_classes is not None: return n_classes
     probs = getattr(getattr(dls, 'patch_config', None), 'label_probabilities', None)
-    if probs: return max(probs) + 1
+    if probs:
+        labels = sorted(probs)
+        if labels != list(range(len(labels))):  # a gap or a stray value (99, 255): not the classes 0..K-1
+            raise ValueError(f"patch_learner: the config's label_probabilities have labels {labels}, not 0..{len(labels) - 1}; "
+                             f"a model for them would need {labels[-1] + 1} output channels. Map stray values to classes "
+                             f"with PatchConfig(label_map=...), or pass n_classes= explicitly")
+        return labels[-1] + 1
     raise ValueError("patch_learner needs n_classes (classes including background): the loaders' config has no label_probabilities to infer it from")
 
 def patch_learner(dls, # `MedPatchDataLoaders` (or any loaders yielding (B,C,X,Y,Z) images and (B,1,X,Y,Z) labels)

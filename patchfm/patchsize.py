@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from fastai.learner import Learner
 
 from .config import PatchConfig
-from .core import MedMask, read_header
+from .core import MedMask, case_name, read_header
 from .data import size_choices
 from .inference import patch_inference
 from .learner import patch_learner
@@ -124,11 +124,7 @@ def hyper_learner(dls, # `MedPatchDataLoaders` built with `patch_size_range` (se
     return patch_learner(dls, model=model, n_classes=n, loss_func=loss_func, metrics=metrics, **kwargs)
 
 # %% ../nbs/10_patchsize.ipynb #66785e93
-def _case_name(path) -> str:
-    name = Path(path[0] if isinstance(path, (list, tuple)) else path).name
-    for ext in ('.nii.gz', '.nii', '.nrrd', '.mha', '.mhd'):
-        if name.lower().endswith(ext): return name[:-len(ext)]
-    return name
+_case_name = case_name  # the library's one rule (patchfm.core)
 
 def _sizes(sizes, config: PatchConfig) -> list:
     "Patch sizes to evaluate as 3-tuples (default: the config's training range, else its patch_size)"

@@ -718,7 +718,35 @@ def _tail(path, n: int = 25) -> str:
     try: return '\n'.join(Path(path).read_text(errors='replace').splitlines()[-n:])
     except OSError: return '(no log)'
 
-def _terminate(proc, log_file=None, timeout: float = 15.):
+# Runs in its own small process next to the UI server: when the process that started the server dies, even by
+# SIGKILL (no finalizer runs then), the watchdog is re-parented, sees it, and stops the server's process group.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+def group_alive():
+    try: os.killpg(group, 0); return True
+    except ProcessLookupError: return False
+    except PermissionError: return True
+while group_alive():
+    if os.getppid() != parent:
+        try: os.killpg(group, signal.SIGTERM)
+        except OSError: sys.exit(0)
+        for _ in range(100):
+            if not group_alive(): sys.exit(0)
+            time.sleep(0.1)
+        try: os.killpg(group, signal.SIGKILL)
+        except OSError: pass
+        sys.exit(0)
+    time.sleep(0.25)
+"""
+
+def _start_watchdog(server_pid: int):
+    "A process that stops the server's process group when this process dies (POSIX only; None elsewhere)"
+    if os.name != 'posix': return None
+    return subprocess.Popen([sys.executable, '-c', _WATCHDOG, str(os.getpid()), str(server_pid)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+def _terminate(proc, log_file=None, timeout: float = 15., watchdog=None):
     "Stop `proc` and its descendants (its process group on POSIX): SIGTERM, then SIGKILL after `timeout`"
     if proc is not None:
         members = []
@@ -740,6 +768,9 @@ def _terminate(proc, log_file=None, timeout: float = 15.):
         psutil.wait_procs(alive, timeout=5)
         try: proc.wait(timeout=5)
         except subprocess.TimeoutExpired: pass
+    if watchdog is not None:
+        try: watchdog.kill(); watchdog.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired): pass
     if log_file is not None: log_file.close()
 
 # %% ../nbs/12_tracking.ipynb #9c445f04
@@ -801,7 +832,9 @@ def start_ui(self: MLflowUIManager, open_browser: bool = False) -> str:
         self._log.close(); self.log_path.unlink(missing_ok=True); self._log = self.log_path = None
         raise
     self._port = port
-    self._finalizer = weakref.finalize(self, _terminate, self.proc, self._log)  # also runs at interpreter exit
+    try: self._watchdog = _start_watchdog(self.proc.pid)  # stops the server if this process is killed
+    except OSError: self._watchdog = None
+    self._finalizer = weakref.finalize(self, _terminate, self.proc, self._log, 15., self._watchdog)  # also runs at interpreter exit
     deadline = time.monotonic() + self.timeout
     while not _http_ok(f"{self.url}/health"):
         if self.proc.poll() is not None:

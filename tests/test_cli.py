@@ -21,19 +21,21 @@ def test_analyze_paths_and_csv(tmp_path, capsys):
     assert (tmp_path / 'a' / 'patch_config.json').exists()
     df.to_csv(tmp_path / 'c.csv', index=False)
     assert main(['analyze', str(tmp_path / 'c.csv'), '--output', str(tmp_path / 'b'), '--quiet']) == 0
-    with pytest.raises(SystemExit, match='nolabel'):
-        main(['analyze', str(tmp_path / 'c.csv'), '--label-col', 'nolabel', '--quiet'])
+    assert main(['analyze', str(tmp_path / 'c.csv'), '--label-col', 'nolabel', '--quiet']) == 2
+    assert "no column 'nolabel'" in capsys.readouterr().err
 
 
-def test_demo_csv_errors(tmp_path):
+def test_demo_csv_errors(tmp_path, capsys):
     (tmp_path / 'x.csv').write_text('img,lab\na.nii.gz,b.nii.gz\n')
-    with pytest.raises(SystemExit, match="no column 'image'"):
-        main(['demo', '--csv', str(tmp_path / 'x.csv'), '--output', str(tmp_path / 'o')])
+    assert main(['demo', '--csv', str(tmp_path / 'x.csv'), '--output', str(tmp_path / 'o')]) == 2
+    assert "no column 'image'" in capsys.readouterr().err
 
 
-def test_predict_missing_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match='model.safetensors'):
-        main(['predict', '--model', str(tmp_path / 'none'), '--input', 'x.nii.gz', '--output', str(tmp_path / 'o')])
+def test_predict_missing_model(tmp_path, capsys):
+    assert main(['predict', '--model', str(tmp_path / 'none'), '--input', 'x.nii.gz', '--output', str(tmp_path / 'o')]) == 2
+    assert 'model.safetensors' in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match='model.safetensors'):  # --debug: the exception itself
+        main(['--debug', 'predict', '--model', str(tmp_path / 'none'), '--input', 'x.nii.gz', '--output', str(tmp_path / 'o')])
 
 
 def test_console_script_help():

@@ -55,7 +55,8 @@ def children(): return psutil.Process().children(recursive=True)
 def test_batch_dtypes_shapes_device(cases):
     dls = dls_for(cases)
     assert len(dls.train.subjects_dataset) == 3 and len(dls.valid.subjects_dataset) == 2
-    assert len(dls.train) == 3 * 4 // 2 and len(dls.valid) == 2 * 4 // 2
+    # validation tiles each 32x32x24 volume with 16^3 patches: 2 x 2 x 2 tiles per subject
+    assert len(dls.train) == 3 * 4 // 2 and len(dls.valid) == 2 * 8 // 2
     batches = list(dls.train)
     assert len(batches) == len(dls.train)
     x, y = batches[0]
@@ -162,7 +163,7 @@ def test_valid_pct_zero_trains(cases):
 def test_validation_patches_identical_across_epochs(cases):
     dls = dls_for(cases, patch_tfms=[tio.RandomNoise(std=1.0)])  # augmentation is for training only
     e1, e2 = list(dls.valid), list(dls.valid)
-    assert len(e1) == len(e2) == len(dls.valid) == 4
+    assert len(e1) == len(e2) == len(dls.valid) == 8
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(e1, e2))
     assert not torch.equal(e1[0][0], e1[1][0])
     list(dls.train)  # a training epoch in between changes nothing
@@ -458,7 +459,7 @@ def test_learner_fit_export_no_leaks(cases, tmp_path):
     assert len(seen.pids) == 2 and len(seen.pids[0]) == 2 and seen.pids[0] == seen.pids[1]  # the same workers, both epochs
     assert children() == before  # ReleaseWorkersCallback stopped them at the end of fit
     preds, targs = learn.get_preds()
-    assert preds.shape == (len(dls.valid.subjects_dataset) * 4, 2, 16, 16, 16) and targs.shape[1:] == (1, 16, 16, 16)
+    assert preds.shape == (len(dls.valid.subjects_dataset) * 8, 2, 16, 16, 16) and targs.shape[1:] == (1, 16, 16, 16)  # 8 tiles each
     p2, t2 = learn.get_preds()
     assert torch.equal(t2, targs)
     with learn.no_logging(): learn.lr_find(num_it=4, show_plot=False)

@@ -152,3 +152,41 @@ def test_background_reader_uses_one_openmp_thread(tmp_path, monkeypatch):
     finally: torch.set_num_threads(before)
     assert seen == [(False, 1), (False, 1)]
     assert [int(r.data.max()) for r in res] == [0, 1]
+
+
+# ---------------------------------------------------------------- test-time mirroring follows the training flips
+class _Lopsided(torch.nn.Module):
+    "Foreground where the voxel is brighter than its neighbour one step further along X: not mirror-symmetric"
+    def __init__(self): super().__init__(); self.w = torch.nn.Parameter(torch.zeros(1))
+    def forward(self, x):
+        d = x[:, :1] - torch.roll(x[:, :1], -1, 2)
+        return torch.cat([-d, d], 1)
+
+class _Loaders:
+    def __init__(self, tfms): self.patch_tfms, self.pre_patch_tfms = tfms, None
+
+class _Learner:
+    "What patch_inference reads off a fastai Learner: the model and its loaders' transforms"
+    def __init__(self, model, tfms): self.model, self.dls = model, _Loaders(tfms)
+
+def test_tta_flips_follow_training_flips():
+    import torchio as tio
+    from patchfm.inference import tta_flips
+    cfg = PatchConfig(patch_size=16)
+    assert tta_flips(_Learner(_Lopsided(), [tio.RandomFlip()]), cfg) == [(), (2,)]
+    assert tta_flips(_Learner(_Lopsided(), [tio.RandomFlip(axes=('LR', 'AP'))]), cfg) == [(), (2,), (3,), (2, 3)]
+    assert tta_flips(_Learner(_Lopsided(), [tio.RandomAffine()]), cfg) == [()]
+    assert tta_flips(_Lopsided(), cfg) == [()]  # a bare module: nothing known about its training
+
+def test_patch_inference_mirrors_by_default_as_trained(tmp_path):
+    import torchio as tio
+    rng = np.random.default_rng(0)
+    write_nifti(rng.normal(0, 1, (24, 20, 18)).astype(np.float32), np.eye(4), tmp_path / 'x.nii.gz')
+    cfg = PatchConfig(patch_size=16, patch_overlap=0.5)
+    learner = _Learner(_Lopsided(), [tio.RandomFlip(axes=(0,))])
+    run = lambda m, **kw: patch_inference(m, cfg, [tmp_path / 'x.nii.gz'], progress=False, return_probabilities=True, **kw)[0]
+    auto, plain, explicit = run(learner), run(learner, tta=None), run(learner, tta=[(), (2,)])
+    torch.testing.assert_close(auto, explicit)
+    assert not torch.allclose(auto, plain, atol=1e-3)  # the lopsided model disagrees with its mirror image
+    torch.testing.assert_close(run(learner.model), plain)  # bare module: no mirroring
+    with pytest.raises(ValueError, match="tta must be 'auto'"): run(learner, tta='yes')
