@@ -62,7 +62,6 @@ PATCHFM_FACTORS = {
     'padding': ('default', "PatchConfig.padding_mode: 'default' (the library's), a number, 'minimum', 'edge', ..."),
     'keep_largest': ('default', "patch_inference keep_largest: 'default', 'true', 'false'"),
     'aug_affine': ('world', "patch augmentation frame: 'world' (patch affine) or 'identity' (fastMONAI: 1 mm voxels)"),
-    'save_best': ('false', "keep the epoch with the best validation accumulated_dice (SaveModelCallback)"),
     'probs': ('0.3,0.7', "label_probabilities of background and foreground"),
     'overlap': ('0.5', "patch_overlap at inference"),
 }
@@ -139,6 +138,12 @@ def _model():
     return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128), strides=(2, 2, 2),
                 num_res_units=1, norm=Norm.INSTANCE)
 
+def _save_best(args) -> list:
+    "The tutorial's SaveModelCallback on the validation accumulated_dice (the best epoch is loaded after fit)"
+    if not args.save_best: return []
+    from fastai.callback.tracker import SaveModelCallback
+    return [SaveModelCallback(monitor='accumulated_dice', comp=np.greater, fname='best', with_opt=False)]
+
 def _df(files):
     import pandas as pd
     return pd.DataFrame(dict(image=[files['train_image']] * 2, label=[files['train_label']] * 2, is_valid=[False, True]))
@@ -147,7 +152,6 @@ def worker_patchfm(args, files, out: Path) -> str:
     from patchfm.all import PatchConfig, MedPatchDataLoaders, CustomLoss, AccumulatedDice, patch_inference
     from fastai.learner import Learner
     from fastai.optimizer import Adam
-    from fastai.callback.tracker import SaveModelCallback
     from monai.losses import DiceCELoss
     f = dict((k, v[0]) for k, v in PATCHFM_FACTORS.items()); f.update(args.factors)
     pre, aug = _common('patchfm', args)
@@ -164,8 +168,7 @@ def worker_patchfm(args, files, out: Path) -> str:
                                       patch_config=cfg, pre_patch_tfms=pre, patch_tfms=aug, bs=args.bs, seed=args.seed)
     learn = Learner(dls, _model(), loss_func=CustomLoss(loss_func=DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)),
                     opt_func=Adam, metrics=[AccumulatedDice(n_classes=2)], path=out)
-    cbs = [SaveModelCallback(monitor='accumulated_dice', comp=np.greater, fname='best', with_opt=False)] if f['save_best'] == 'true' else []
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(args.epochs, args.lr, cbs=cbs)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(args.epochs, args.lr, cbs=_save_best(args))
     dls.release()
     kw = {}
     if f['tta'] != 'default': kw['tta'] = {'none': None, 'x': [(), (2,)], 'auto': 'auto', 'all': 'all'}[f['tta']]
@@ -191,7 +194,7 @@ def worker_fastmonai(args, files, out: Path) -> str:
                                       patch_config=cfg, pre_patch_tfms=pre, patch_tfms=aug, bs=args.bs, seed=args.seed)
     learn = Learner(dls, _model(), loss_func=CustomLoss(loss_func=DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)),
                     opt_func=Adam, metrics=[AccumulatedDice(n_classes=2)], path=out)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(args.epochs, args.lr)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(args.epochs, args.lr, cbs=_save_best(args))
     preds = {}
     for v in args.variants:
         kv, d = dict(VARIANTS[v]), out / v
@@ -249,6 +252,7 @@ def main(argv=None):
     ap.add_argument('--bs', type=int, default=2)
     ap.add_argument('--lr', type=float, default=3e-3)
     ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--save-best', action='store_true', help="keep the epoch with the best validation accumulated_dice, as the tutorial does")
     ap.add_argument('--variants', default='base', help=f'inference variants of each trained model, among {sorted(VARIANTS)}')
     ap.add_argument('--set', action='append', default=[], help='patchfm factor KEY=VALUE (see PATCHFM_FACTORS)')
     ap.add_argument('--work', default=None, help='folder for task files and predictions (default: a temporary one)')
@@ -278,7 +282,7 @@ def main(argv=None):
     work = Path(args.work or tempfile.mkdtemp(prefix='patchfm-accuracy-'))
     rows = []
     print(f"settings: tasks {tasks}, seeds {seeds}, epochs {args.epochs}, patch {args.patch}, spacing {args.spacing} mm, "
-          f"spv {args.spv}, bs {args.bs}, lr {args.lr}, patchfm factors {factors or 'defaults'}; work {work}", flush=True)
+          f"spv {args.spv}, bs {args.bs}, lr {args.lr}, save_best {args.save_best}, patchfm factors {factors or 'defaults'}; work {work}", flush=True)
     for t in tasks:
         files = make_task(data, t, work / 'tasks' / t)
         for seed in seeds:
@@ -288,6 +292,7 @@ def main(argv=None):
                 cmd = [py, __file__, '--worker', lib, '--files', json.dumps(files), '--out', str(out), '--seed', str(seed),
                        '--epochs', str(args.epochs), '--patch', str(args.patch), '--spacing', str(args.spacing),
                        '--spv', str(args.spv), '--bs', str(args.bs), '--lr', str(args.lr), '--threads', str(args.threads),
+                       *(['--save-best'] if args.save_best else []),
                        '--factors', json.dumps(factors if lib == 'patchfm' else {}), '--variants', args.variants]
                 env = dict(os.environ, PYTHONPATH=str(ROOT) if lib == 'patchfm' else '', MPLBACKEND='Agg')
                 p = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -13,6 +13,7 @@ Modules:
 - `patchfm.patchsize`: Train networks that keep working when the inference patch size changes (patch-size augmentation and the size-conditioned `HyperUNet`), and measure Dice as a function of the patch size.
 - `patchfm.performance`: Spatially resolved performance maps of patch predictions, a fastai callback that records them, and an overlap recommendation for sliding-window inference derived from them.
 - `patchfm.runtime`: `cpu_heap_cache()` and `HeapCacheCallback`: on CPU, stop every forward pass from paying the kernel to map and zero its activations again.
+- `patchfm.topk`: Learn which few full-resolution patches are worth a forward pass: a low-resolution global network scores every candidate patch, a differentiable Gumbel top-k picks K of them, a local network segments only those, and the global prediction fills the rest of the volume ("No More Sliding Window", arXiv 2501.10814).
 - `patchfm.tracking`: A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the PatchConfig, the data split, a loss curve and pickle-free weights), reloading a model from a run, and a manager for the MLflow UI."""
 
 __version__ = "0.1.0"

@@ -41,3 +41,4 @@ __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'To
                                  patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]
 import fastai.basics, fastai.callback.all
 __all__ += [n for n in dir(fastai.basics) if not n.startswith('_')] + [n for n in dir(fastai.callback.all) if not n.startswith('_')]
+from .topk import *; import patchfm.topk; __all__ += patchfm.topk.__all__  # top-k patch inference (16_topk)
