@@ -62,6 +62,7 @@ PATCHFM_FACTORS = {
     'padding': ('default', "PatchConfig.padding_mode: 'default' (the library's), a number, 'minimum', 'edge', ..."),
     'keep_largest': ('default', "patch_inference keep_largest: 'default', 'true', 'false'"),
     'aug_affine': ('world', "patch augmentation frame: 'world' (patch affine) or 'identity' (fastMONAI: 1 mm voxels)"),
+    'valid_tiles': ('default', "MedPatchDataLoaders.from_df valid_tiles: 'default', 'true' (validation tiles whole volumes), 'false' (sampled patches)"),
     'probs': ('0.3,0.7', "label_probabilities of background and foreground"),
     'overlap': ('0.5', "patch_overlap at inference"),
 }
@@ -164,8 +165,9 @@ def worker_patchfm(args, files, out: Path) -> str:
     cfg = PatchConfig(patch_size=[args.patch] * 3, samples_per_volume=args.spv, sampler_type='label',
                       label_probabilities={0: p0, 1: p1}, queue_length=64, queue_num_workers=2,
                       patch_overlap=float(f['overlap']), aggregation_mode='hann', target_spacing=[args.spacing] * 3, **pad)
+    vt = {} if f['valid_tiles'] == 'default' else dict(valid_tiles=f['valid_tiles'] == 'true')
     dls = MedPatchDataLoaders.from_df(_df(files), img_col='image', mask_col='label', valid_col='is_valid',
-                                      patch_config=cfg, pre_patch_tfms=pre, patch_tfms=aug, bs=args.bs, seed=args.seed)
+                                      patch_config=cfg, pre_patch_tfms=pre, patch_tfms=aug, bs=args.bs, seed=args.seed, **vt)
     learn = Learner(dls, _model(), loss_func=CustomLoss(loss_func=DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)),
                     opt_func=Adam, metrics=[AccumulatedDice(n_classes=2)], path=out)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(args.epochs, args.lr, cbs=_save_best(args))

@@ -42,3 +42,4 @@ __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'To
 import fastai.basics, fastai.callback.all
 __all__ += [n for n in dir(fastai.basics) if not n.startswith('_')] + [n for n in dir(fastai.callback.all) if not n.startswith('_')]
 from .topk import *; import patchfm.topk; __all__ += patchfm.topk.__all__  # top-k patch inference (16_topk)
+from .distributed import *; import patchfm.distributed; __all__ += patchfm.distributed.__all__  # multi-process training (17_distributed)

@@ -1,4 +1,4 @@
-"""`patchfm demo` (the main job), `patchfm analyze` and `patchfm predict`.
+"""`patchfm demo` (the main job), `patchfm train` (also data-parallel under torchrun), `patchfm analyze` and `patchfm predict`.
 
 Docs: https://patchfm.github.io/patchfm/cli.html.md"""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['CLIError', 'train_and_evaluate', 'cmd_demo', 'cmd_analyze', 'cmd_predict', 'build_parser', 'main']
+__all__ = ['CLIError', 'train_and_evaluate', 'cmd_demo', 'cmd_analyze', 'cmd_predict', 'cmd_train', 'build_parser', 'main']
 
 # %% ../nbs/15_cli.ipynb #10aea1d4
 class CLIError(Exception):
@@ -197,15 +197,157 @@ def cmd_predict(args) -> int:
     "Run a model saved by `save_model` on new files"
     from patchfm.learner import load_model
     from patchfm.inference import patch_inference
-    saved = load_model(args.model)
+    import torch
+    if (args.num_parts is None) != (args.part_id is None): raise CLIError("--num-parts and --part-id go together")
+    device = None
+    if torch.cuda.is_available() and os.environ.get('LOCAL_RANK'):  # one GPU per process under torchrun / accelerate
+        device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    saved = load_model(args.model, device=device)
     res = patch_inference(saved.model, saved.config, args.input, pre_inference_tfms=saved.pre_patch_tfms,
                           save_dir=args.output, progress=not args.quiet and _is_tty(), return_predictions=False,
-                          overwrite=args.overwrite, tta=True if args.tta else None)
+                          overwrite=args.overwrite, tta=True if args.tta else None, num_parts=args.num_parts, part_id=args.part_id)
     for p in res.paths: print(p)
     for f, e in res.failed.items(): print(f"FAILED {e}", file=sys.stderr)
     return 1 if res.failed else 0
 
 # %% ../nbs/15_cli.ipynb #36aecf04
+class _RelayedError(CLIError):
+    "An error rank 0 met, raised on the other ranks too (so that every rank stops; only rank 0 prints it)"
+
+def _one_line(e) -> str:
+    msg = ' '.join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
+    return f"missing key {msg}" if isinstance(e, KeyError) else msg
+
+def _on_main(fn):
+    "`fn()` on rank 0 and its JSON result on every rank; an error there stops every rank"
+    from patchfm.distributed import broadcast_json, is_main
+    res, err = None, None
+    if is_main():
+        try: res = fn()
+        except Exception as e: err = e
+    got = broadcast_json(dict(error=None if err is None else _one_line(err), result=res))
+    if err is not None: raise err
+    if got['error'] is not None: raise _RelayedError(got['error'])
+    return got['result']
+
+_TRUE, _FALSE = ('true', 'yes', 'y', 't', '1', '1.0', 'valid'), ('false', 'no', 'n', 'f', '0', '0.0', 'train')
+
+def _valid_rows(df: pd.DataFrame, col: str, csv) -> np.ndarray:
+    "The validation flags of column `col` (true/false, yes/no, 1/0)"
+    out = []
+    for i, v in enumerate(df[col]):
+        s = str(v).strip().lower()
+        if s in _TRUE or s in _FALSE: out.append(s in _TRUE)
+        else: raise CLIError(f"{csv}: column {col!r} on line {i + 2}: expected true/false (or yes/no, 1/0), got {v!r}")
+    flags = np.array(out, dtype=bool)
+    if flags.all(): raise CLIError(f"{csv}: column {col!r} marks every row as validation: no subject left to train on")
+    return flags
+
+def _train_config(args, df, out: Path) -> dict:
+    "The PatchConfig (rank 0): --config with the command line's overrides, else the analysis of the training labels"
+    from patchfm.config import PatchConfig
+    over = {}
+    if args.patch_size: over['patch_size'] = tuple(args.patch_size)
+    if args.spacing: over['target_spacing'] = (args.spacing,) * 3
+    if args.samples_per_volume is not None: over['samples_per_volume'] = args.samples_per_volume
+    out.mkdir(parents=True, exist_ok=True)
+    if args.config:
+        cfg = PatchConfig.load(args.config)
+        if 'samples_per_volume' in over: over['queue_length'] = max(cfg.queue_length, over['samples_per_volume'])
+        cfg = cfg.replace(**over) if over else cfg
+        cfg.save(out / 'patch_config.json')
+        print(f"PatchConfig from {args.config} (written to {out / 'patch_config.json'}):\n{cfg}")
+    else:
+        spv = over.pop('samples_per_volume', 8)
+        rows = df if args.valid_col is None else df[~df['patchfm_valid']]
+        _, cfg = _analyse(rows, args.label_col, out, args.workers, args.divisor, progress=not args.quiet and _is_tty(),
+                          label_map=_parse_label_map(args.label_map), samples_per_volume=spv, queue_length=max(spv, 64),
+                          queue_num_workers=args.loader_workers, **over)
+    return cfg.to_dict()
+
+def _check_train_args(args):
+    if args.epochs < 1: raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
+    if not args.lr > 0: raise CLIError(f"--lr must be > 0, got {args.lr}")
+    if args.bs < 1: raise CLIError(f"--bs must be >= 1, got {args.bs}")
+    if args.patch_size and min(args.patch_size) < 1: raise CLIError(f"--patch-size must be 3 integers >= 1, got {args.patch_size}")
+    if args.spacing is not None and not args.spacing > 0: raise CLIError(f"--spacing must be > 0 mm, got {args.spacing}")
+    if args.samples_per_volume is not None and args.samples_per_volume < 1: raise CLIError(f"--samples-per-volume must be >= 1, got {args.samples_per_volume}")
+    if not 0 <= args.valid_pct < 1: raise CLIError(f"--valid-pct must be in [0, 1), got {args.valid_pct}")
+    if args.loader_workers < 0: raise CLIError(f"--loader-workers must be >= 0, got {args.loader_workers}")
+    if any(a not in (0, 1, 2) for a in args.flip_axes): raise CLIError(f"--flip-axes must be among 0 1 2, got {args.flip_axes}")
+    if args.config and not Path(args.config).is_file(): raise CLIError(f"{args.config}: no such PatchConfig file (--config)")
+
+def cmd_train(args) -> int:
+    "Train on a CSV of image/label paths, in one process or data-parallel under torchrun / accelerate"
+    import torch, torchio as tio
+    from fastai.callback.progress import ProgressCallback
+    from patchfm.config import PatchConfig, atomic_write_text
+    from patchfm.data import MedPatchDataLoaders
+    from patchfm.learner import patch_learner, save_model
+    from patchfm.distributed import (init_distributed, cleanup_distributed, distribute, all_gather_json, barrier,
+                                     weights_digest)
+    args.stage = 'setup'  # errors every rank meets alike: printed by rank 0 only
+    t0, out = time.perf_counter(), Path(args.out)
+    _check_train_args(args)
+    df = _read_csv(args.csv, (args.img_col, args.label_col) + ((args.valid_col,) if args.valid_col else ()))
+    base = Path(args.csv).parent
+    for c in (args.img_col, args.label_col): df[c] = [str(p if Path(p).is_absolute() else base / p) for p in df[c]]
+    if args.valid_col: df['patchfm_valid'] = _valid_rows(df, args.valid_col, args.csv)
+    rank, world = init_distributed(timeout_s=4 * 3600)  # the others wait while rank 0 analyses the labels
+    try:
+        main_rank = rank == 0
+        torch.manual_seed(args.seed)
+        if main_rank: print(f"{len(df)} cases from {args.csv}" + (f"; {world} processes ({torch.distributed.get_backend()})" if world > 1 else ''))
+        cfg = PatchConfig.from_dict(_on_main(lambda: _train_config(args, df, out)))
+        n_classes = max(cfg.label_probabilities) + 1 if cfg.label_probabilities else 2
+        flips = [tio.RandomFlip(axes=tuple(args.flip_axes), p=0.5)] if args.flip_axes else []
+        dls = MedPatchDataLoaders.from_df(df, args.img_col, args.label_col, valid_pct=args.valid_pct,
+                                          valid_col='patchfm_valid' if args.valid_col else None, patch_config=cfg,
+                                          pre_patch_tfms=[tio.ZNormalization()], patch_tfms=flips, bs=args.bs, seed=args.seed,
+                                          num_workers=args.loader_workers, path=out)
+        tdl = dls.train
+        if main_rank:
+            print(f"\n== training: {len(tdl.subjects_dataset)} train / {len(dls.valid.subjects_dataset)} valid subjects"
+                  + (f", {len(tdl.keys(0))} per rank and epoch" if world > 1 else '')
+                  + f", {len(tdl)} batches of {args.bs} per epoch{' per rank' if world > 1 else ''}, {args.epochs} epochs ==")
+        sw = args.sw_every if args.sw_every is not None else max(1, args.epochs // 4)
+        learn = distribute(patch_learner(dls, n_classes=n_classes, sw_every=sw or None, path=out))
+        if main_rank and (args.quiet or not _is_tty()):  # a log file gets one line per epoch, not bar redraws
+            learn.remove_cb(ProgressCallback)
+            if not args.quiet: learn.add_cb(_epoch_header_cb())
+        cbs = []
+        if args.mlflow and main_rank:
+            from patchfm.tracking import create_mlflow_callback
+            cbs.append(create_mlflow_callback(learn, experiment_name=args.mlflow,
+                                              extra_params=dict(world_size=world, csv=str(args.csv))))
+        args.stage, t1 = 'train', time.perf_counter()
+        learn.fit_one_cycle(args.epochs, args.lr, cbs=cbs)
+        train_s = time.perf_counter() - t1
+        dls.release()
+        ids = [ims[0] for ims in tdl.subjects_dataset.images]  # a subject's id: its (first) image path
+        mine = dict(read=sorted({ids[i] for i in tdl.subjects_read}),
+                    epochs=[[ids[i] for i, _ in tdl.keys(e)] for e in range(args.epochs)],
+                    digest=weights_digest(learn.model), batches=len(tdl))
+        ranks = all_gather_json(mine)
+        if main_rank:
+            save_model(learn, out / 'model', extra=dict(n_classes=n_classes))
+            rec = learn.recorder
+            last = dict(zip(rec.metric_names[1:-1], [None if v is None or v != v else float(v) for v in rec.values[-1]])) if rec.values else {}
+            info = dict(csv=str(Path(args.csv).absolute()), world_size=world,
+                        backend=torch.distributed.get_backend() if world > 1 else None,
+                        device=str(next(learn.model.parameters()).device), epochs=args.epochs, lr=args.lr, bs=args.bs,
+                        seed=args.seed, n_classes=n_classes, batches_per_epoch_per_rank=[r['batches'] for r in ranks],
+                        train_subjects=ids, valid_subjects=[ims[0] for ims in dls.valid.subjects_dataset.images],
+                        rank_subjects=[r['read'] for r in ranks], rank_epoch_subjects=[r['epochs'] for r in ranks],
+                        rank_weights_sha1=[r['digest'] for r in ranks], final_metrics=last,
+                        train_seconds=round(train_s, 1), total_seconds=round(time.perf_counter() - t0, 1))
+            atomic_write_text(out / 'train_info.json', json.dumps(info, indent=2))
+            print(f"training: {train_s:.0f} s\noutputs in {out}: model/, patch_config.json, train_info.json")
+        barrier()  # the others leave once the files exist
+        return 0
+    finally: cleanup_distributed()
+
+# %% ../nbs/15_cli.ipynb #fde1a269
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='patchfm', description='Patch-based 3D medical image segmentation')
     p.add_argument('--debug', action='store_true', help='show the full traceback of an error')
@@ -239,7 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--output', required=True); r.add_argument('--overwrite', action='store_true')
     r.add_argument('--tta', action='store_true', help='average the flips of each axis')
     r.add_argument('--quiet', action='store_true')
+    r.add_argument('--num-parts', type=int, default=None, help='split the inputs into N parts and predict one (default: the torchrun world size, else 1)')
+    r.add_argument('--part-id', type=int, default=None, help='the part to predict: inputs i, i+N, i+2N, ... (default: the torchrun rank)')
     r.set_defaults(func=cmd_predict)
+    t = sub.add_parser('train', help='train on a CSV of image/label paths (data-parallel under torchrun / accelerate launch)')
+    t.add_argument('--csv', required=True, help='CSV with one row per case: image and label paths')
+    t.add_argument('--out', required=True, help='run folder: model/, patch_config.json, train_info.json')
+    t.add_argument('--img-col', default='image'); t.add_argument('--label-col', default='label')
+    t.add_argument('--valid-col', default=None, help='column marking validation rows (true/false, yes/no, 1/0)')
+    t.add_argument('--valid-pct', type=float, default=0.2, help='random validation fraction when there is no --valid-col')
+    t.add_argument('--config', default=None, help='a patch_config.json to use instead of analysing the labels')
+    t.add_argument('--patch-size', type=int, nargs=3, default=None, help='override the (suggested) patch size')
+    t.add_argument('--spacing', type=float, default=None, help='target spacing (mm, isotropic); default: the analysis suggestion')
+    t.add_argument('--samples-per-volume', type=int, default=None, help='patches per volume visit (default 8, or --config\'s)')
+    t.add_argument('--epochs', type=int, default=40); t.add_argument('--lr', type=float, default=3e-3)
+    t.add_argument('--bs', type=int, default=2, help='patches per batch (per process)')
+    t.add_argument('--flip-axes', type=int, nargs='*', default=[1, 2], help='RandomFlip axes (default 1 2: never mirror left/right); none: no flips')
+    t.add_argument('--sw-every', type=int, default=None, help='full-volume validation Dice every N epochs (default epochs/4; 0: never)')
+    t.add_argument('--loader-workers', type=int, default=0, help='patch-loading worker processes (per process)')
+    t.add_argument('--mlflow', default=None, metavar='EXPERIMENT', help='log the run to this MLflow experiment (rank 0)')
+    t.add_argument('--seed', type=int, default=42)
+    t.add_argument('--workers', type=int, default=2, help='threads for the dataset analysis')
+    t.add_argument('--divisor', type=int, default=16, help='network divisor the patch size must respect')
+    t.add_argument('--label-map', nargs='+', default=None, metavar='VALUE:CLASS', help='map mask values to classes, e.g. 255:0')
+    t.add_argument('--quiet', action='store_true', help='no progress bars')
+    t.set_defaults(func=cmd_train)
     return p
 
 _USER_ERRORS = (CLIError, ValueError, OSError, KeyError)  # ValueError includes MedicalImageError; OSError FileNotFoundError
@@ -250,9 +416,10 @@ def main(argv=None) -> int:
     try: return args.func(args)
     except _USER_ERRORS as e:
         if args.debug: raise
-        msg = ' '.join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__  # one line, even for lists of files
-        if isinstance(e, KeyError): msg = f"missing key {msg}"
-        print(f"patchfm: error: {msg}", file=sys.stderr)
+        rank = int(os.environ.get('RANK', 0) or 0) if os.environ.get('WORLD_SIZE', '1') not in ('', '1') else 0
+        # under torchrun, an error every rank meets alike (bad CSV, relayed from rank 0) is printed by rank 0 only
+        if rank and (isinstance(e, _RelayedError) or getattr(args, 'stage', 'setup') == 'setup'): return 2
+        print(f"patchfm: error{f' (rank {rank})' if rank else ''}: {_one_line(e)}", file=sys.stderr)  # one line, even for lists of files
         return 2
 
 if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules and 'IPython' not in sys.modules:

@@ -33,8 +33,9 @@ from .grid import patch_starts
 # %% auto #0
 __all__ = ['PatchSubjects', 'preprocess_subject', 'centre_bounds', 'tile_starts', 'draw_centres', 'flip_axes',
            'random_transforms', 'cache_key', 'cached_subject', 'seeded', 'derive_seed', 'PatchSource', 'size_choices',
-           'release_freed_memory', 'PatchStream', 'PatchDataLoader', 'show_patches', 'expected_shape', 'n_tiles',
-           'check_subjects', 'split_subjects', 'MedPatchDataLoaders', 'ReleaseWorkersCallback']
+           'release_freed_memory', 'distributed_rank_world', 'shard_size', 'PatchStream', 'PatchDataLoader',
+           'show_patches', 'expected_shape', 'n_tiles', 'check_subjects', 'split_subjects', 'MedPatchDataLoaders',
+           'ReleaseWorkersCallback']
 
 # %% ../nbs/04_data.ipynb #0357e9bb
 class PatchSubjects:
@@ -418,19 +419,40 @@ def _shutdown(it):
 
 _TRAIN, _VALID, _ORDER, _PICK, _SIZE, _ONE = range(6)  # seed streams
 
-def _epoch_keys(n: int, seed: int, epoch: int, train: bool, shuffle: bool) -> list:
-    "The `(subject, seed)` keys of one epoch: a seeded permutation in training, the subjects in order for validation"
+def distributed_rank_world() -> tuple:
+    "`(rank, world_size)` of the initialised `torch.distributed` process group, else `(0, 1)`"
+    d = torch.distributed
+    if d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+def _check_shard(rank, world_size) -> tuple:
+    for name, v, lo in (('world_size', world_size, 1), ('rank', rank, 0)):
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < lo: raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if rank >= world_size: raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    return int(rank), int(world_size)
+
+def shard_size(n: int, world_size: int = 1) -> int:
+    "Subjects each of `world_size` ranks reads per epoch: `ceil(n / world_size)` (the last ones are padded with repeats)"
+    return -(-n // world_size)
+
+def _epoch_keys(n: int, seed: int, epoch: int, train: bool, shuffle: bool, rank: int = 0, world_size: int = 1) -> list:
+    """The `(subject, seed)` keys of one epoch: a seeded permutation in training, the subjects in order for validation.
+    With `world_size > 1` a training epoch's order is cut into `world_size` strided shards and rank `rank` gets its own;
+    the order is padded with its first subjects to a multiple of `world_size`, so every rank has `shard_size` keys"""
     if not train: return [(i, derive_seed(seed, _VALID, i)) for i in range(n)]
-    order = np.random.default_rng(derive_seed(seed, _ORDER, epoch)).permutation(n) if shuffle else range(n)
+    order = np.random.default_rng(derive_seed(seed, _ORDER, epoch)).permutation(n) if shuffle else np.arange(n)
+    if world_size > 1:
+        order = np.resize(order, shard_size(n, world_size) * world_size)[rank::world_size]  # np.resize repeats from the start
     return [(int(i), derive_seed(seed, _TRAIN, epoch, i)) for i in order]
 
 class _KeySequence:
     "The endless key sequence of a loader, epoch after epoch from `epoch` (a torch sampler; no reference to the loader)"
-    def __init__(self, n: int, seed: int, epoch: int, train: bool, shuffle: bool):
+    def __init__(self, n: int, seed: int, epoch: int, train: bool, shuffle: bool, rank: int = 0, world_size: int = 1):
         if n < 1: raise ValueError(f"a key sequence needs at least one subject, got {n}")
         store_attr()
     def __iter__(self):
-        for e in itertools.count(self.epoch): yield from _epoch_keys(self.n, self.seed, e, self.train, self.shuffle)
+        for e in itertools.count(self.epoch):
+            yield from _epoch_keys(self.n, self.seed, e, self.train, self.shuffle, self.rank, self.world_size)
 
 def _draw(buf, k: int, rng: np.random.Generator | None) -> list:
     "Take `k` entries out of `buf`: at random with `rng` (buf a list), else the oldest (buf a deque)"
@@ -542,6 +564,7 @@ class PatchStream:
                  worker_nice: int = 0, # added to the workers' nice value (lower priority than the training loop)
                 ):
         self.buf, self.fifo, self.n_items, self.owner, self.busy, self.signature = deque() if fifo else [], fifo, 0, None, False, None
+        self.subjects_read = []  # subject index of every item pulled, in order
         self.slab, self.memory = None, _BatchMemory()
         if num_workers:
             spv = source.patch_config.samples_per_volume
@@ -571,6 +594,7 @@ class PatchStream:
             used = {s[0] for s in slots if s is not None}
             self.slab.free.extend(s for s in item['key_slots'] if s not in used)
         self.n_items += 1
+        self.subjects_read.append(int(item['subject']))
 
     def take(self, k: int, rng: np.random.Generator | None, size) -> tuple:
         "A batch of `k` patches from the buffer (at random with `rng`, else the oldest), centre-cropped to `size`"
@@ -612,11 +636,17 @@ class PatchDataLoader(DataLoader):
                  persistent_workers: bool | None = None, # keep workers and buffer between epochs (default: shuffled training loaders)
                  worker_nice: int = 5, # lower the workers' priority by this much (0: same as the training loop)
                  tiles: bool = False, # (validation) cover every volume with non-overlapping patches instead of sampling
+                 rank: int | None = None, # (training) this process's shard of the subjects (default: the process group's rank, else 0)
+                 world_size: int | None = None, # (training) number of shards (default: the process group's size, else 1)
                  **kwargs): # other fastai `DataLoader` arguments
         dataset = PatchSubjects() if dataset is None else dataset
         patch_config = PatchConfig() if patch_config is None else patch_config
         if tiles and train: raise ValueError("tiles=True is for validation loaders (train=False): training patches are sampled")
-        n = n_tiles(dataset, patch_config) if tiles else len(dataset) * patch_config.samples_per_volume
+        g_rank, g_world = distributed_rank_world()
+        rank, world_size = _check_shard(g_rank if rank is None else rank, g_world if world_size is None else world_size)
+        if not train: rank, world_size = 0, 1  # validation is not sharded: every rank scores the whole split
+        n_subj = shard_size(len(dataset), world_size) if len(dataset) else 0
+        n = n_tiles(dataset, patch_config) if tiles else n_subj * patch_config.samples_per_volume
         if drop_last is None: drop_last = train and n >= bs
         if isinstance(prefetch_factor, bool) or not isinstance(prefetch_factor, Integral) or prefetch_factor < 1:
             raise ValueError(f"prefetch_factor must be an integer >= 1, got {prefetch_factor!r}")
@@ -625,7 +655,8 @@ class PatchDataLoader(DataLoader):
         if isinstance(worker_nice, bool) or not isinstance(worker_nice, Integral) or not 0 <= worker_nice <= 19:
             raise ValueError(f"worker_nice must be an integer in [0, 19], got {worker_nice!r}")
         store_attr('patch_config,pre_patch_tfms,patch_tfms,train,seed,prefetch_factor,mp_context,cache_dir,persistent_workers,worker_nice,tiles')
-        self.num_workers_, self.epoch = int(num_workers), 0
+        self.num_workers_, self.epoch, self.rank, self.world_size = int(num_workers), 0, rank, world_size
+        self._read = []  # subjects read by closed streams
         rng_ = patch_config.patch_size_range if train else None
         self.size_choices = size_choices(rng_) if rng_ else None
         self.sample_size = (tuple(max(max(c), p) for c, p in zip(self.size_choices, patch_config.patch_size))
@@ -647,7 +678,7 @@ class PatchDataLoader(DataLoader):
                   drop_last=self.drop_last, train=self.train, num_workers=self.num_workers_, seed=self.seed,
                   device=self.device, prefetch_factor=self.prefetch_factor, mp_context=self.mp_context,
                   cache_dir=self.cache_dir, persistent_workers=self.persistent_workers, worker_nice=self.worker_nice,
-                  tiles=self.tiles)
+                  tiles=self.tiles, rank=self.rank, world_size=self.world_size)
         if 'get_idxs' in self.__dict__: kw['get_idxs'] = self.__dict__['get_idxs']
         for k in ('after_batch', 'before_iter', 'after_iter'):
             if k in self.__dict__: kw[k] = self.__dict__[k]
@@ -660,7 +691,13 @@ class PatchDataLoader(DataLoader):
 
     def keys(self, epoch: int) -> list:
         "The `(subject, seed)` keys the workers process in `epoch`, in order"
-        return _epoch_keys(len(self.dataset), self.seed, epoch, self.train, self.shuffle)
+        return _epoch_keys(len(self.dataset), self.seed, epoch, self.train, self.shuffle, self.rank, self.world_size)
+
+    @property
+    def subjects_read(self) -> list:
+        "Index (into `subjects_dataset`) of every subject this loader's streams have read so far, in order (repeats included)"
+        st = self.stream
+        return self._read + (st.subjects_read if st is not None else [])
 
     def batch_sizes(self, epoch: int, n_batches: int | None = None) -> list:
         "The patch size of each batch of `epoch` (drawn per axis when `patch_size_range` is set)"
@@ -681,7 +718,8 @@ class PatchDataLoader(DataLoader):
     def _signature(self) -> tuple:
         "What the stream's workers and buffer were made with: a change starts a new stream"
         return (self.dataset, self.patch_config, self.pre_patch_tfms, self.patch_tfms, self.sample_size, self.train, self.tiles,
-                self.shuffle, self.seed, self.cache_dir, self.num_workers_, self.prefetch_factor, self.mp_context, self.worker_nice)
+                self.shuffle, self.seed, self.cache_dir, self.num_workers_, self.prefetch_factor, self.mp_context, self.worker_nice,
+                self.rank, self.world_size)
 
     @property
     def stream(self) -> PatchStream | None:
@@ -695,7 +733,7 @@ class PatchDataLoader(DataLoader):
         if st is not None and (st.closed or st.signature != sig or (st.fifo and st.busy)):
             self.release(); st = None  # settings changed, or a FIFO left mid-epoch by an abandoned iteration
         if st is None:
-            keys = _KeySequence(len(self.dataset), self.seed, epoch, self.train, self.shuffle)
+            keys = _KeySequence(len(self.dataset), self.seed, epoch, self.train, self.shuffle, self.rank, self.world_size)
             st = PatchStream(self._source(), keys, self.num_workers_, self.prefetch_factor, self.mp_context,
                              fifo=not self.shuffle, buffer_size=max(self._queue_length(), self.bs), worker_nice=self.worker_nice)
             st.signature = sig
@@ -747,7 +785,9 @@ class PatchDataLoader(DataLoader):
     def release(self):
         "Stop the worker processes and free the buffered patches (the next iteration starts them again)"
         st = self.__dict__.pop('_stream', None)
-        if st is not None: st.close()
+        if st is not None:
+            self._read = self._read + st.subjects_read
+            st.close()
         release_freed_memory()
 
     def one_batch(self):
@@ -964,6 +1004,8 @@ class MedPatchDataLoaders(DataLoaders):
                 persistent_workers: bool | None = None, # keep workers and buffer between epochs (None: training loader only)
                 worker_nice: int = 5, # lower the workers' priority by this much, so that busy CPUs serve training first
                 valid_tiles: bool = True, # validation patches tile each validation volume (metrics score whole volumes); False: sampled like training
+                rank: int | None = None, # shard of the training subjects this process reads (default: the `torch.distributed` rank, else 0)
+                world_size: int | None = None, # number of shards (default: the `torch.distributed` world size, else 1)
                ) -> MedPatchDataLoaders:
         "Lazy patch loaders from a DataFrame of paths"
         cfg = PatchConfig() if patch_config is None else patch_config
@@ -999,7 +1041,7 @@ class MedPatchDataLoaders(DataLoaders):
         kw = dict(patch_config=cfg, pre_patch_tfms=pre, bs=bs, num_workers=nw, seed=seed, device=device,
                   prefetch_factor=prefetch_factor, cache_dir=None if cache_dir is None else str(cache_dir),
                   persistent_workers=persistent_workers, worker_nice=worker_nice)
-        train = PatchDataLoader(subjects.subset(t_idx), patch_tfms=ptf, shuffle=True, train=True, **kw)
+        train = PatchDataLoader(subjects.subset(t_idx), rank=rank, world_size=world_size, patch_tfms=ptf, shuffle=True, train=True, **kw)
         valid = PatchDataLoader(subjects.subset(v_idx), patch_tfms=ptf, shuffle=False, train=False, tiles=bool(valid_tiles), **kw)
         return cls(train, valid, path=path, device=device)
 

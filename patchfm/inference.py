@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/inference.html.md"""
 
 # %% ../nbs/08_inference.ipynb #9e3c6bbe
 from __future__ import annotations
-import itertools, time, warnings
+import itertools, os, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,16 +20,17 @@ from fastprogress.fastprogress import progress_bar
 from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
-from .core import (GridInfo, MedMask, MedicalImageError, case_name, check_payload, is_exact_regrid, read_header,
-                          remove_stale_temps, restore_to_original, write_nifti)
-from .data import flip_axes, preprocess_subject
+from .core import (TEMP_MARK, GridInfo, MedMask, MedicalImageError, case_name, check_payload, is_exact_regrid,
+                          read_header, remove_stale_temps, restore_to_original, write_nifti)
+from .data import distributed_rank_world, flip_axes, preprocess_subject
 from .config import PatchConfig
 from .runtime import cpu_heap_cache, release_cached_memory
 from .grid import PatchAggregator, crop_padding, extract_patches, pad_to_patch, patch_grid, probs_to_labels
 
 # %% auto #0
 __all__ = ['default_activation', 'preprocess_for_inference', 'predict_volume', 'keep_largest_component',
-           'probabilities_to_original', 'InferenceResults', 'check_model_fits', 'tta_flips', 'patch_inference']
+           'probabilities_to_original', 'InferenceResults', 'check_model_fits', 'tta_flips', 'default_part',
+           'file_part', 'patch_inference']
 
 # %% ../nbs/08_inference.ipynb #d3e03e61
 def _model_of(learner) -> torch.nn.Module:
@@ -143,12 +144,14 @@ def probabilities_to_original(probs: torch.Tensor, # (C,X,Y,Z) probabilities on 
 
 # %% ../nbs/08_inference.ipynb #632b5b1c
 class InferenceResults(list):
-    """Predictions in file order (None for a file that failed); `.failed` maps each failed file to its error, `.paths`
-    lists written (or reused) files, `.outputs` gives each input's output file in input order (None: failed or not saved)"""
+    """Predictions in file order (None for a file that failed, or that another part predicts); `.failed` maps each failed
+    file to its error, `.paths` lists written (or reused) files, `.outputs` gives each input's output file in input
+    order (None: failed, not saved, or in another part); `.part` is the `(num_parts, part_id)` predicted"""
     def __init__(self, items=(), failed=None, paths=None, timings=None, outputs=None):
         super().__init__(items)
         self.failed, self.paths, self.timings = failed or {}, paths or [], timings or []
         self.outputs = outputs if outputs is not None else [None] * len(self)
+        self.part = (1, 0)
 
 def _read_on_one_thread(path, config, tfms) -> tuple:
     "`preprocess_for_inference` for the background reader, its PyTorch ops on one OpenMP thread"
@@ -220,6 +223,37 @@ def _check_args(batch_size, tta, threshold):
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise ValueError(f"patch_inference: threshold must be a number in [0, 1], got {threshold!r}")
 
+def default_part() -> tuple:
+    """`(num_parts, part_id)` a process predicts by default: the `torch.distributed` world size and rank when a process
+    group is initialised, else those a launcher exported (`WORLD_SIZE`, `RANK`: torchrun, accelerate), else `(1, 0)`"""
+    rank, world = distributed_rank_world()
+    if world > 1: return world, rank
+    try: world, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    except ValueError: return 1, 0
+    return (world, rank) if world > 1 and 0 <= rank < world else (1, 0)
+
+def file_part(n: int, # number of files
+              num_parts: int, # parts the files are split into
+              part_id: int, # this part, in [0, num_parts)
+             ) -> list:
+    "Indices of the files of part `part_id`: `part_id, part_id + num_parts, ...` (disjoint parts that cover every file)"
+    for name, v, lo in (('num_parts', num_parts, 1), ('part_id', part_id, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"patch_inference: {name} must be an integer >= {lo}, got {v!r}")
+    if part_id >= num_parts: raise ValueError(f"patch_inference: part_id must be in [0, num_parts={num_parts}), got {part_id}")
+    return list(range(int(part_id), n, int(num_parts)))
+
+def _remove_own_stale_temps(save_dir, outputs):
+    "Stale temporaries of these outputs only: a folder shared by several parts (cluster jobs) keeps the others' in-progress files"
+    for out in outputs:
+        for f in Path(save_dir).glob(f".{out.name}{TEMP_MARK}*"):
+            try: pid = int(f.name.split(TEMP_MARK, 1)[1].split('-', 1)[0])
+            except ValueError: continue
+            if pid == os.getpid(): continue
+            try: os.kill(pid, 0)
+            except ProcessLookupError: f.unlink(missing_ok=True)  # its writer is gone from this machine
+            except OSError: pass
+
 def patch_inference(learner, # fastai Learner (or a torch module)
                     config: PatchConfig, # the PatchConfig used in training
                     file_paths, # image paths (a list; an item may be a list of per-channel files)
@@ -236,23 +270,34 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                     amp=None, # mixed precision (default: on CUDA)
                     heap_cache: bool = True, # on CPU, keep freed memory in the process heap during the job (`cpu_heap_cache`)
                     activation='auto', # 'auto': the loss's activation, else softmax/sigmoid; None for raw outputs
+                    num_parts: int | None = None, # split the files into this many parts and predict one (default: `default_part()`)
+                    part_id: int | None = None, # the part to predict: files `part_id, part_id + num_parts, ...` (default: `default_part()`)
                    ) -> InferenceResults:
-    "Predict every file patch by patch; returns the predictions in file order (see `InferenceResults`)"
+    "Predict the files (of one part) patch by patch; returns the predictions in file order (see `InferenceResults`)"
     if not isinstance(config, PatchConfig): raise TypeError(f"config must be a PatchConfig, got {type(config).__name__}")
     if isinstance(file_paths, (str, Path)): file_paths = [file_paths]
     file_paths = list(file_paths)
     _check_args(batch_size, tta, threshold)
+    if num_parts is None and part_id is not None: raise ValueError("patch_inference: part_id needs num_parts")
+    if num_parts is None: num_parts, part_id = default_part()
+    elif part_id is None:
+        if num_parts != 1: raise ValueError(f"patch_inference: num_parts={num_parts} needs part_id (which part to predict)")
+        part_id = 0
+    mine = file_part(len(file_paths), num_parts, part_id)
     model = _model_of(learner)
     if isinstance(tta, str) and tta == 'auto': tta = tta_flips(learner, config)
     if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)
     act = default_activation(learner) if activation == 'auto' else activation
     keep_largest = config.keep_largest_component if keep_largest is None else keep_largest
     res = InferenceResults([None] * len(file_paths))
+    res.part = (int(num_parts), int(part_id))
     todo = []
     if save_dir is not None:
-        _check_unique_outputs(save_dir, file_paths)
-        remove_stale_temps(save_dir)  # what a killed run left behind
-    for i, p in enumerate(file_paths):
+        _check_unique_outputs(save_dir, file_paths)  # all files: every part checks the same thing
+        if num_parts == 1: remove_stale_temps(save_dir)  # what a killed run left behind
+        else: _remove_own_stale_temps(save_dir, [_output_path(save_dir, file_paths[i]) for i in mine])
+    for i in mine:
+        p = file_paths[i]
         out = None if save_dir is None else _output_path(save_dir, p)
         if out is not None and not overwrite and out.exists() and _reusable(out, p):
             try: saved = _load_saved(out, config) if return_predictions else None

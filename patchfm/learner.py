@@ -191,6 +191,11 @@ def _split_paths(dl) -> list:
     if hasattr(sd, 'images') and hasattr(sd, 'masks'): return list(zip(sd.images, sd.masks))
     return [(s['image'].path, s['mask'].path) for s in sd]
 
+def _plain(model):
+    "The module inside a `DistributedDataParallel` / `DataParallel` wrapper (else `model`)"
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
 class SlidingWindowDice(Metric):
     "Mean foreground Dice of whole validation volumes predicted by sliding window"
     def __init__(self, n_classes: int, # classes including background (2 for binary)
@@ -229,10 +234,11 @@ class SlidingWindowDice(Metric):
         n = max(self.n_classes, 2)
         tp, fp, fn = torch.zeros(n), torch.zeros(n), torch.zeros(n)
         act = default_activation(learn)
-        with cpu_heap_cache(model=learn.model):  # like patch_inference: activations reuse the previous batch's memory
+        model = _plain(learn.model)  # every rank scores the whole split alone: no collective calls of a DDP wrapper
+        with cpu_heap_cache(model=model):  # like patch_inference: activations reuse the previous batch's memory
             for img, msk in cases:
                 x, y = self._volume(img, msk, config, tfms)
-                probs = predict_volume(learn.model, x, config.patch_size, self.overlap if self.overlap is not None else config.overlap_voxels,
+                probs = predict_volume(model, x, config.patch_size, self.overlap if self.overlap is not None else config.overlap_voxels,
                                        config.aggregation_mode, self.batch_size, act, padding_mode=config.padding_mode)
                 pred = probs_to_labels(probs).cpu().long()
                 for c in range(1, n):
