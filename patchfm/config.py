@@ -21,7 +21,8 @@ from .core import atomic_path, check_nonfinite, check_spacing, geometry_transfor
 
 # %% auto #0
 __all__ = ['SAMPLER_TYPES', 'AGGREGATION_MODES', 'PADDING_MODES', 'PatchConfig', 'atomic_write_text', 'read_json',
-           'store_patch_variables', 'load_patch_variables', 'PadToPatch', 'transform_to_spec', 'transform_from_spec']
+           'store_patch_variables', 'load_patch_variables', 'PadToPatch', 'transform_to_spec', 'string_arguments',
+           'transform_from_spec']
 
 # %% ../nbs/02_config.ipynb #3ccf5c23
 SAMPLER_TYPES = ('uniform', 'label', 'weighted')
@@ -295,17 +296,21 @@ def transform_to_spec(t) -> dict:
 _UNSAFE_TRANSFORMS = ('Lambda',)  # run arbitrary callables
 _PATHLIKE = re.compile(r'[/\\~]|\.(pt|pth|pkl|pickle|npy|npz|nii|gz|nrrd|mha|mhd|json|txt|csv|h5)$', re.I)
 
-def _unsafe_args(kwargs: dict) -> list:
-    "Arguments whose value is a path, a URL or a callable name: rebuilding would read a file (e.g. torch.load)"
+def string_arguments(kwargs: dict) -> list:
+    "Every string inside `kwargs` (nested dicts and lists included) as `(dotted key, value)` pairs"
     out = []
     def walk(k, v):
         if isinstance(v, dict):
             for kk, vv in v.items(): walk(f"{k}.{kk}", vv)
-        elif isinstance(v, list):
+        elif isinstance(v, (list, tuple)):
             for x in v: walk(k, x)
-        elif isinstance(v, str) and (_PATHLIKE.search(v) or '://' in v): out.append(f"{k}={v!r}")
+        elif isinstance(v, str): out.append((k, v))
     for k, v in kwargs.items(): walk(k, v)
     return out
+
+def _unsafe_args(kwargs: dict) -> list:
+    "Arguments whose value is a path, a URL or a callable name: rebuilding would read a file (e.g. torch.load)"
+    return [f"{k}={v!r}" for k, v in string_arguments(kwargs) if _PATHLIKE.search(v) or '://' in v]
 
 def transform_from_spec(spec: dict, # `transform_to_spec` output
                         trusted: bool = False, # allow transforms that run callables or read files (Lambda, paths)

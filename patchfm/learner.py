@@ -21,7 +21,7 @@ import fastai.callback.all  # noqa: F401 (adds fit_one_cycle, lr_find, SaveModel
 from fastcore.basics import store_attr
 
 from .core import atomic_path
-from .config import PatchConfig, atomic_write_text, read_json, transform_from_spec, transform_to_spec
+from .config import PatchConfig, atomic_write_text, read_json, string_arguments, transform_from_spec, transform_to_spec
 from .grid import probs_to_labels
 from .losses import default_loss
 from .metrics import AccumulatedDice
@@ -67,15 +67,9 @@ _RISKY_KWARG = re.compile(r'pretrain|url|download|hub|ckpt|checkpoint_path|weigh
 def _risky_kwargs(kwargs: dict) -> list:
     "Constructor arguments that could fetch from the network or read a file"
     out = []
-    def walk(k, v):
-        if isinstance(v, dict):
-            for kk, vv in v.items(): walk(f"{k}.{kk}", vv)
-        elif isinstance(v, list):
-            for x in v: walk(k, x)
-        elif isinstance(v, str) and re.search(r'^[a-z][a-z0-9+.-]*://', v, re.I): out.append(f"{k}={v!r}")
     for k, v in kwargs.items():
         if _RISKY_KWARG.search(str(k)) and v not in (None, False, '', 0): out.append(f"{k}={v!r}")
-        else: walk(k, v)
+        else: out += [f"{kk}={sv!r}" for kk, sv in string_arguments({k: v}) if re.search(r'^[a-z][a-z0-9+.-]*://', sv, re.I)]
     return out
 
 @contextmanager
