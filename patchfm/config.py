@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/config.html.md"""
 
 # %% ../nbs/02_config.ipynb #73ce7efa
 from __future__ import annotations
-import dataclasses, json, math, os, re, tempfile, warnings
+import dataclasses, json, os, re, tempfile, warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
@@ -17,7 +17,7 @@ import torch
 import torchio as tio
 from fastcore.basics import patch
 
-from .core import atomic_path, check_nonfinite, check_spacing, geometry_transforms
+from .core import atomic_path, check_nonfinite, check_overlap, check_spacing, geometry_transforms, overlap_in_voxels
 
 # %% auto #0
 __all__ = ['SAMPLER_TYPES', 'AGGREGATION_MODES', 'PADDING_MODES', 'PatchConfig', 'atomic_write_text', 'read_json',
@@ -47,19 +47,10 @@ def _int3(name, v, minimum=1):
     return tuple(out)
 
 def _check_overlap(overlap, patch_size):
-    "Overlap is a fraction in [0, 1) or a number of voxels (int, or one per axis) smaller than the patch"
-    vals = list(overlap) if isinstance(overlap, (list, tuple)) else [overlap] * 3
-    if len(vals) != 3: raise _err('patch_overlap', f"expected one value or 3 (one per axis), got {overlap!r}")
-    out = []
-    for o, p in zip(vals, patch_size):
-        if isinstance(o, bool) or not isinstance(o, Real): raise _err('patch_overlap', f"expected numbers, got {o!r}")
-        if isinstance(o, Integral):
-            if not 0 <= int(o) < p: raise _err('patch_overlap', f"{o} voxels must be in [0, patch size {p})")
-            out.append(int(o))
-        else:
-            if not 0 <= float(o) < 1: raise _err('patch_overlap', f"fraction {o} must be in [0, 1) (or give whole voxels as an int)")
-            out.append(float(o))
-    return out[0] if isinstance(overlap, Real) else tuple(out)
+    "The overlap as given (one value, or a tuple per axis) after `patchfm.core.check_overlap`, the library's one rule"
+    try: vals = check_overlap(overlap, patch_size)
+    except ValueError as e: raise _err('patch_overlap', str(e)) from None
+    return vals[0] if isinstance(overlap, Real) else vals
 
 def _check_probs(probs):
     if probs is None: return None
@@ -155,9 +146,7 @@ class PatchConfig:
     @property
     def overlap_voxels(self) -> tuple:
         "The inference overlap in voxels per axis"
-        o = self.patch_overlap if isinstance(self.patch_overlap, tuple) else (self.patch_overlap,) * 3
-        # a fraction is rounded up, capped at patch - 1: the rule of `patchfm.grid.overlap_voxels` (and MONAI's windows)
-        return tuple(int(v) if isinstance(v, int) else min(math.ceil(v * p - 1e-9), p - 1) for v, p in zip(o, self.patch_size))
+        return overlap_in_voxels(self.patch_overlap, self.patch_size)  # the rule of `patchfm.grid.overlap_voxels` too
 
     def replace(self, **kwargs) -> PatchConfig:
         "A validated copy with some fields changed (the original is untouched)"

@@ -7,8 +7,9 @@ Docs: https://patchfm.github.io/patchfm/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #40658445
 from __future__ import annotations
-import os, tempfile, warnings, zlib
+import math, os, tempfile, warnings, zlib
 from contextlib import contextmanager
+from numbers import Integral, Number, Real
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from fastai.torch_core import TensorBase
 __all__ = ['TEMP_MARK', 'IMAGE_EXTENSIONS', 'MedicalImageError', 'current_umask', 'is_temp_file', 'atomic_path',
            'atomic_write_bytes', 'remove_stale_temps', 'case_name', 'affine_spacing', 'affine_orientation', 'GridInfo',
            'read_header', 'check_payload', 'check_nonfinite', 'load_volume', 'check_spacing', 'resampled_grid',
-           'ResampleToSpacing', 'geometry_transforms', 'smallest_int_dtype', 'as_label_tensor', 'remap_labels',
-           'MedBase', 'MedImage', 'MedMask', 'write_nifti', 'resample_to_grid', 'is_exact_regrid',
-           'restore_to_original']
+           'ResampleToSpacing', 'geometry_transforms', 'check_overlap', 'overlap_in_voxels', 'smallest_int_dtype',
+           'as_label_tensor', 'remap_labels', 'MedBase', 'MedImage', 'MedMask', 'write_nifti', 'resample_to_grid',
+           'is_exact_regrid', 'restore_to_original']
 
 # %% ../nbs/00_core.ipynb #f990ec11
 class MedicalImageError(ValueError):
@@ -348,6 +349,43 @@ def geometry_transforms(apply_reorder: bool = True, # reorient to RAS+
     sp = check_spacing(target_spacing)
     if sp is not None: tfms.append(ResampleToSpacing(sp))
     return tfms
+
+# %% ../nbs/00_core.ipynb #1e924e84
+def _overlap_value(o, p: int, axis: int):
+    if isinstance(o, Integral) and not isinstance(o, bool):
+        if not 0 <= o < p:
+            raise ValueError(f"patch_overlap on axis {axis} must be an int number of voxels in [0, {p - 1}] "
+                             f"(smaller than the patch size {p}); got overlap {o} on axis {axis}")
+        return int(o)
+    if isinstance(o, bool) or not isinstance(o, Real):
+        raise ValueError(f"patch_overlap must be a fraction in [0, 1) or an int number of voxels, per axis or "
+                         f"for all; got {o!r} on axis {axis}")
+    if not 0. <= o < 1.:  # also rejects nan
+        raise ValueError(f"patch_overlap given as a float is a fraction of the patch and must be in [0, 1); got "
+                         f"{o!r} on axis {axis} (give an int for a number of voxels)")
+    return float(o)
+
+def check_overlap(overlap, # fraction of the patch in [0, 1) (float), voxels (int), or one of either per axis
+                  patch_size, # the patch size, one positive int per axis
+                 ) -> tuple: # per axis: int voxels or float fraction (Python numbers)
+    "Validate a patch overlap against `patch_size` (one value is used on every axis)"
+    if isinstance(overlap, torch.Tensor): overlap = overlap.tolist()
+    if isinstance(overlap, (str, bytes)) or not (isinstance(overlap, Number) or hasattr(overlap, '__len__')):
+        raise ValueError(f"patch_overlap must be a number or a sequence of numbers, one per axis; got {overlap!r}")
+    n = len(patch_size)
+    try: vals = (overlap,) * n if isinstance(overlap, Number) else tuple(overlap)
+    except TypeError: raise ValueError(f"patch_overlap must be a number or a sequence of numbers, one per axis; got {overlap!r}") from None
+    if len(vals) != n:
+        raise ValueError(f"patch_overlap must have one value per axis of patch_size {tuple(patch_size)}; "
+                         f"got {len(vals)}: {overlap!r}")
+    return tuple(_overlap_value(o, int(p), a) for a, (o, p) in enumerate(zip(vals, patch_size)))
+
+def overlap_in_voxels(overlap, # as `check_overlap`
+                      patch_size, # the patch size, one positive int per axis
+                     ) -> tuple: # overlap in voxels per axis, each in [0, patch - 1]
+    "Overlap in voxels per axis: a fraction is rounded up (at least the requested overlap), capped at patch - 1"
+    return tuple(o if isinstance(o, int) else min(math.ceil(o * p - 1e-9), p - 1)
+                 for o, p in zip(check_overlap(overlap, patch_size), patch_size))
 
 # %% ../nbs/00_core.ipynb #060cba13
 def smallest_int_dtype(lo: int, hi: int) -> np.dtype:

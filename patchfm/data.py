@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/data.html.md"""
 
 # %% ../nbs/04_data.ipynb #3258a4e4
 from __future__ import annotations
-import copy, ctypes, functools, hashlib, itertools, json, math, mmap, multiprocessing as mp, os, random, sys, warnings, weakref
+import copy, functools, hashlib, itertools, json, math, mmap, multiprocessing as mp, os, random, sys, warnings, weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,17 +25,18 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import default_device, to_device
 
-from .core import (MedicalImageError, GridInfo, read_header, load_volume, as_label_tensor, resampled_grid,
+from .core import (MedicalImageError, GridInfo, read_header, load_volume, as_label_tensor,
                           atomic_path, remap_labels)
 from .config import PatchConfig, PadToPatch, atomic_write_text, transform_to_spec
 from .grid import patch_starts
+from .dataset import pipeline_grid
+from .runtime import mmap_large_buffers, release_cached_memory
 
 # %% auto #0
 __all__ = ['PatchSubjects', 'preprocess_subject', 'centre_bounds', 'tile_starts', 'draw_centres', 'flip_axes',
            'random_transforms', 'cache_key', 'cached_subject', 'seeded', 'derive_seed', 'PatchSource', 'size_choices',
-           'release_freed_memory', 'distributed_rank_world', 'shard_size', 'PatchStream', 'PatchDataLoader',
-           'show_patches', 'expected_shape', 'n_tiles', 'check_subjects', 'split_subjects', 'MedPatchDataLoaders',
-           'ReleaseWorkersCallback']
+           'distributed_rank_world', 'shard_size', 'PatchStream', 'PatchDataLoader', 'n_tiles', 'check_subjects',
+           'split_subjects', 'MedPatchDataLoaders', 'ReleaseWorkersCallback']
 
 # %% ../nbs/04_data.ipynb #0357e9bb
 class PatchSubjects:
@@ -395,23 +396,11 @@ def _init_worker(worker_id: int, num_workers: int = 1, nice: int = 0):
     volume read), share the CPUs among the workers (SimpleITK starts one thread per CPU in every process) and
     lower their priority by `nice`, so that a busy CPU serves the training loop first"""
     if nice and hasattr(os, 'nice'): os.nice(nice)
-    libc = _libc()
-    if libc is not None and hasattr(libc, 'mallopt'): libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: >1 MiB mmapped, released on free
+    mmap_large_buffers(1 << 20)  # buffers > 1 MiB are returned to the system when freed (patchfm.runtime)
     try:
         import SimpleITK as sitk
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, _n_cpus() // max(1, num_workers)))
     except (ImportError, AttributeError): pass
-
-@functools.lru_cache(maxsize=None)
-def _libc():
-    "The C library's symbols (dlopen of the running program), or None"
-    try: return ctypes.CDLL(None)
-    except OSError: return None
-
-def release_freed_memory():
-    "Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere)"
-    libc = _libc()
-    if libc is not None and hasattr(libc, 'malloc_trim'): libc.malloc_trim(0)
 
 def _shutdown(it):
     "Stop the worker processes of a torch `DataLoader` iterator (nothing to do for an in-process iterator)"
@@ -788,7 +777,7 @@ class PatchDataLoader(DataLoader):
         if st is not None:
             self._read = self._read + st.subjects_read
             st.close()
-        release_freed_memory()
+        release_cached_memory(always=True)
 
     def one_batch(self):
         "One batch, made in-process from the first subjects of a fixed draw (quick; for `show_batch` and checks)"
@@ -808,6 +797,7 @@ class PatchDataLoader(DataLoader):
                    show: bool = True, # draw (False: return the figure without showing)
                    **kwargs): # passed to `show_patches`
         "Three planes through the centre of each patch: image (channel 0) with the mask overlaid"
+        from patchfm.plot import show_patches  # plotting is the top layer: imported when used
         if b is None: b = self.one_batch()
         return show_patches(b[0], b[1], max_n=max_n, spacing=self.patch_config.target_spacing, show=show, **kwargs)
 
@@ -816,50 +806,13 @@ class PatchDataLoader(DataLoader):
         out = out[0] if isinstance(out, (list, tuple)) else out
         out = torch.as_tensor(out).detach().cpu()
         pred = (out > 0).long() if out.shape[1] == 1 else out.argmax(1, keepdim=True)
+        from patchfm.plot import show_patches
         return show_patches(b[0], b[1], pred, max_n=max_n, spacing=self.patch_config.target_spacing, show=show, **kwargs)
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d.pop('_stream', None)  # workers and buffered patches belong to this process
         return d
-
-# %% ../nbs/04_data.ipynb #1faa93fe
-def show_patches(x, # (B,C,X,Y,Z) images
-                 y=None, # (B,1,X,Y,Z) labels
-                 pred=None, # (B,1,X,Y,Z) predicted labels, shown in extra columns
-                 max_n: int = 4, # rows (patches) shown
-                 spacing=None, # voxel spacing (mm) for the aspect ratio
-                 figsize=None, # matplotlib figure size
-                 show: bool = True, # show the figure (False: return it instead)
-                ):
-    "Sagittal, coronal and axial slices through the centre of each patch, labels overlaid"
-    import matplotlib.pyplot as plt
-    x = torch.as_tensor(x).detach().cpu().float()
-    n = min(max_n, x.shape[0])
-    sets = [('target', y)] + ([('prediction', pred)] if pred is not None else [])
-    ncol = 3 * len(sets)
-    fig, axs = plt.subplots(n, ncol, figsize=figsize or (2.2 * ncol, 2.2 * n), squeeze=False)
-    sp = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
-    planes = ('sagittal', 'coronal', 'axial')
-    for r in range(n):
-        img = x[r, 0]
-        vmin, vmax = float(img.min()), float(img.max())
-        for s, (name, lab) in enumerate(sets):
-            for p in range(3):
-                ax = axs[r, 3 * s + p]
-                i = img.shape[p] // 2
-                ax.imshow(img.select(p, i).numpy().T, cmap='gray', origin='lower', vmin=vmin, vmax=vmax,
-                          aspect=[q for k, q in enumerate(sp) if k != p][1] / [q for k, q in enumerate(sp) if k != p][0])
-                if lab is not None:
-                    l = torch.as_tensor(lab).detach().cpu()[r, 0].select(p, i).numpy().T
-                    ax.imshow(np.ma.masked_where(l == 0, l), cmap='tab10', vmin=0, vmax=9, alpha=0.5, origin='lower',
-                              interpolation='nearest',
-                              aspect=[q for k, q in enumerate(sp) if k != p][1] / [q for k, q in enumerate(sp) if k != p][0])
-                ax.set_xticks([]); ax.set_yticks([])
-                if r == 0: ax.set_title(f"{planes[p]}" + (f" ({name})" if pred is not None else ''), fontsize=8)
-    fig.tight_layout()
-    if not show: return fig
-    plt.show()
 
 # %% ../nbs/04_data.ipynb #255dbcd6
 def _as_paths(v, col: str, row) -> tuple:
@@ -896,24 +849,13 @@ def _check_subject(images, mask, weight) -> tuple:
     if weight is not None: _check_grid(g, read_header(weight), 'probability map', images[0], weight)
     return g, n_ch
 
-def expected_shape(grid: GridInfo, patch_config: PatchConfig) -> tuple:
-    "Spatial shape of a volume after reorientation and resampling (from its header), before padding"
-    shape = np.asarray(grid.shape)
-    if patch_config.apply_reorder:
-        ax = np.abs(grid.affine[:3, :3]).argmax(0)  # world axis each voxel axis points along
-        if sorted(ax.tolist()) == [0, 1, 2]:
-            out = np.empty(3, int); out[ax] = shape; shape = out
-    if patch_config.target_spacing is None: return tuple(int(s) for s in shape)
-    A = np.diag(list(np.asarray(grid.spacing)[np.argsort(np.abs(grid.affine[:3, :3]).argmax(0))] if patch_config.apply_reorder else grid.spacing) + [1.0])
-    return resampled_grid(shape, A, patch_config.target_spacing)[0]
-
 def n_tiles(subjects: PatchSubjects, # the subjects of a split
             patch_config: PatchConfig, # gives orientation, spacing and patch size
            ) -> int:
     "Number of non-overlapping patches that tile every subject after preprocessing and padding (from the headers)"
     total = 0
     for ims in subjects.images:
-        shape = [max(s, p) for s, p in zip(expected_shape(read_header(ims[0]), patch_config), patch_config.patch_size)]
+        shape = [max(s, p) for s, p in zip(pipeline_grid(read_header(ims[0]), patch_config.apply_reorder, patch_config.target_spacing)[0], patch_config.patch_size)]
         total += len(tile_starts(shape, patch_config.patch_size))
     return total
 
@@ -930,7 +872,7 @@ def check_subjects(subjects: PatchSubjects, # all subjects
         raise MedicalImageError(f"{', '.join(subjects.images[i])}: {chans[i]} channel(s), but "
                                 f"{', '.join(subjects.images[0])} has {chans[0]}; every subject needs the same channels")
     if res:
-        shapes = np.array([expected_shape(g, patch_config) for g, _ in res])
+        shapes = np.array([pipeline_grid(g, patch_config.apply_reorder, patch_config.target_spacing)[0] for g, _ in res])
         big = [a for a in range(3) if (shapes[:, a] < patch_config.patch_size[a]).all()]
         if big: warnings.warn(f"patch_size {patch_config.patch_size} is larger than every image along axis "
                               f"{big} (largest {shapes.max(0).tolist()} after resampling): patches will be padded "

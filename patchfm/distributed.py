@@ -18,6 +18,7 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 
 from .data import distributed_rank_world
+from .models import unwrap_model
 
 # %% auto #0
 __all__ = ['launched_world_size', 'init_distributed', 'is_main', 'barrier', 'cleanup_distributed', 'distributed_ctx',
@@ -101,7 +102,7 @@ def broadcast_json(obj=None, src: int = 0):
 def weights_digest(model: torch.nn.Module) -> str:
     "SHA-1 of a model's parameters and buffers (the unwrapped module's): equal digests, equal weights"
     h = hashlib.sha1()
-    for k, v in getattr(model, 'module', model).state_dict().items():
+    for k, v in unwrap_model(model).state_dict().items():
         h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 

@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import store_attr, patch
 
+from .core import overlap_in_voxels
+from .config import AGGREGATION_MODES
+
 # %% auto #0
 __all__ = ['WINDOW_MODES', 'overlap_voxels', 'patch_starts', 'patch_grid', 'pad_to_patch', 'crop_padding', 'patch_window',
            'channel_argmax', 'probs_to_labels', 'PatchAggregator', 'extract_patches']
 
 # %% ../nbs/03_grid.ipynb #0ac3eb3a
-WINDOW_MODES = ('hann', 'gaussian', 'average', 'crop')
+WINDOW_MODES = AGGREGATION_MODES  # the one constant (patchfm.config), named for the windows here
 
 def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -40,28 +43,12 @@ def _sizes(value, name:str, broadcast:bool=True) -> tuple[int, int, int]:
         raise ValueError(f"{name} must be positive integers (X, Y, Z); got {vals!r}")
     return tuple(int(v) for v in vals)
 
-def _overlap_axis(o, p:int, axis:int) -> int:
-    if _is_int(o):
-        if not 0 <= o < p:
-            raise ValueError(f"patch_overlap on axis {axis} must be an int number of voxels in [0, {p - 1}] "
-                             f"(smaller than the patch size {p}); got {o}")
-        return int(o)
-    if isinstance(o, bool) or not isinstance(o, numbers.Real):
-        raise ValueError(f"patch_overlap must be a fraction in [0, 1) or an int number of voxels, per axis or "
-                         f"for all; got {o!r} on axis {axis}")
-    if not 0. <= o < 1.:  # also rejects nan
-        raise ValueError(f"patch_overlap given as a float is a fraction of the patch and must be in [0, 1); got "
-                         f"{o!r} on axis {axis} (give an int for a number of voxels)")
-    return min(math.ceil(o * p - 1e-9), p - 1)
-
 def overlap_voxels(
     patch_size, # Patch size (px, py, pz), or one int for a cubic patch
     overlap, # Fraction of the patch in [0, 1) (float), voxels (int), or a sequence of 3 of either
 ) -> tuple[int, int, int]: # Overlap in voxels per axis, each in [0, patch - 1]
     "Overlap between neighbouring patches in voxels, from a fraction of the patch or a number of voxels."
-    ps = _sizes(patch_size, 'patch_size')
-    ov = _triple(overlap, 'patch_overlap')
-    return tuple(_overlap_axis(o, p, i) for i, (o, p) in enumerate(zip(ov, ps)))
+    return overlap_in_voxels(overlap, _sizes(patch_size, 'patch_size'))  # the library's one rule (patchfm.core)
 
 # %% ../nbs/03_grid.ipynb #b144b620
 def _axis_starts(size:int, patch:int, step:int) -> list[int]:

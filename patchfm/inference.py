@@ -26,6 +26,7 @@ from .data import distributed_rank_world, flip_axes, preprocess_subject
 from .config import PatchConfig
 from .runtime import cpu_heap_cache, release_cached_memory
 from .grid import PatchAggregator, crop_padding, extract_patches, pad_to_patch, patch_grid, probs_to_labels
+from .models import learner_model, model_forward, unwrap_model
 
 # %% auto #0
 __all__ = ['default_activation', 'preprocess_for_inference', 'predict_volume', 'keep_largest_component',
@@ -33,11 +34,6 @@ __all__ = ['default_activation', 'preprocess_for_inference', 'predict_volume', '
            'file_part', 'patch_inference']
 
 # %% ../nbs/08_inference.ipynb #d3e03e61
-def _model_of(learner) -> torch.nn.Module:
-    model = learner if isinstance(learner, torch.nn.Module) else getattr(learner, 'model', None)
-    if not isinstance(model, torch.nn.Module): raise TypeError(f"learner must be a fastai Learner or a torch module, got {type(learner).__name__}")
-    return model
-
 def _device_of(model) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device('cpu')
@@ -71,10 +67,6 @@ _FLIP_SETS = {None: [()], False: [()], True: [(), (2,), (3,), (4,)], 'all': [(),
 
 _BIG_OUTPUT = 64 * 2**20  # bytes: a first-batch output this large is worth handing back (the next batch re-faults)
 
-def _call(model, x, patch_size):
-    if getattr(model, 'conditions_on_patch_size', False): return model(x, patch_size=tuple(patch_size))
-    return model(x)
-
 def predict_volume(model: torch.nn.Module, # network (eval mode is set here)
                    x: torch.Tensor, # (C,X,Y,Z) preprocessed volume
                    patch_size, # patch size (voxels)
@@ -106,7 +98,7 @@ def predict_volume(model: torch.nn.Module, # network (eval mode is set here)
                 b = extract_patches(xp, starts, patch_size)
                 n = len(b)
                 bb = torch.cat([b.flip(f) if f else b for f in flips]) if len(flips) > 1 else b
-                out = _call(model, bb, patch_size)
+                out = model_forward(model, bb, tuple(patch_size))
                 out = out.float()
                 if act is not None: out = act(out)
                 if len(flips) > 1:
@@ -184,7 +176,7 @@ def _reusable(out: Path, path) -> bool:
 
 def _model_channels(model) -> tuple:
     "(in_channels, out_channels) a model declares (attributes or `init_kwargs`, as MONAI nets and patchfm's); None if unknown"
-    m = getattr(model, 'module', model)
+    m = unwrap_model(model)
     kw = getattr(m, 'init_kwargs', None) or {}
     ok = lambda v: int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else None
     return tuple(ok(getattr(m, k, kw.get(k) if isinstance(kw, dict) else None)) for k in ('in_channels', 'out_channels'))
@@ -284,7 +276,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
         if num_parts != 1: raise ValueError(f"patch_inference: num_parts={num_parts} needs part_id (which part to predict)")
         part_id = 0
     mine = file_part(len(file_paths), num_parts, part_id)
-    model = _model_of(learner)
+    model = learner_model(learner)
     if isinstance(tta, str) and tta == 'auto': tta = tta_flips(learner, config)
     if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)
     act = default_activation(learner) if activation == 'auto' else activation

@@ -27,7 +27,8 @@ from .losses import default_loss
 from .metrics import AccumulatedDice
 from .data import preprocess_subject
 from .inference import default_activation, predict_volume
-from .runtime import cpu_heap_cache
+from .runtime import cpu_heap_cache, library_versions
+from .models import unwrap_model
 
 # %% auto #0
 __all__ = ['ALLOWED_MODEL_PACKAGES', 'model_spec', 'build_model', 'save_model', 'SavedModel', 'load_model', 'SlidingWindowDice',
@@ -45,7 +46,7 @@ def _jsonable(v, what):
 
 def model_spec(model: torch.nn.Module, model_kwargs: dict | None = None) -> dict:
     "Class path and constructor arguments that rebuild `model` (from `init_kwargs`, attributes, or `model_kwargs`)"
-    model = getattr(model, 'module', model)  # DataParallel / DDP
+    model = unwrap_model(model)  # DataParallel / DDP / torch.compile
     cls = type(model)
     path = f"{cls.__module__}.{cls.__qualname__}"
     if model_kwargs is None: model_kwargs = getattr(model, 'init_kwargs', None)
@@ -101,11 +102,6 @@ def build_model(spec: dict, # `model_spec` output (e.g. read from model.json)
     with _no_unsafe_loading(): return cls(**kwargs)
 
 # %% ../nbs/09_learner.ipynb #e003df10
-def _versions() -> dict:
-    import patchfm, monai, torchio, fastai
-    return dict(patchfm=patchfm.__version__, torch=torch.__version__, monai=monai.__version__,
-                torchio=torchio.__version__, fastai=fastai.__version__)
-
 def save_model(learn, # fastai Learner (or a torch module)
                path, # folder to write
                config: PatchConfig | None = None, # default: the loaders' `patch_config`
@@ -121,10 +117,10 @@ def save_model(learn, # fastai Learner (or a torch module)
     if pre_patch_tfms is None: pre_patch_tfms = getattr(dls, 'pre_patch_tfms', None) or []
     spec = model_spec(model, model_kwargs)
     p = Path(path); p.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in getattr(model, 'module', model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
     with atomic_path(p / 'model.safetensors') as tmp: save_file(state, str(tmp))
     config.save(p / 'config.json')
-    desc = dict(spec, pre_patch_tfms=[transform_to_spec(t) for t in pre_patch_tfms], versions=_versions(), extra=extra or {})
+    desc = dict(spec, pre_patch_tfms=[transform_to_spec(t) for t in pre_patch_tfms], versions=library_versions(('torch', 'monai', 'torchio', 'fastai')), extra=extra or {})
     atomic_write_text(p / 'model.json', json.dumps(desc, indent=2))
     return p
 
@@ -185,11 +181,6 @@ def _split_paths(dl) -> list:
     if hasattr(sd, 'images') and hasattr(sd, 'masks'): return list(zip(sd.images, sd.masks))
     return [(s['image'].path, s['mask'].path) for s in sd]
 
-def _plain(model):
-    "The module inside a `DistributedDataParallel` / `DataParallel` wrapper (else `model`)"
-    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
 class SlidingWindowDice(Metric):
     "Mean foreground Dice of whole validation volumes predicted by sliding window"
     def __init__(self, n_classes: int, # classes including background (2 for binary)
@@ -228,7 +219,7 @@ class SlidingWindowDice(Metric):
         n = max(self.n_classes, 2)
         tp, fp, fn = torch.zeros(n), torch.zeros(n), torch.zeros(n)
         act = default_activation(learn)
-        model = _plain(learn.model)  # every rank scores the whole split alone: no collective calls of a DDP wrapper
+        model = unwrap_model(learn.model)  # every rank scores the whole split alone: no collective calls of a DDP wrapper
         with cpu_heap_cache(model=model):  # like patch_inference: activations reuse the previous batch's memory
             for img, msk in cases:
                 x, y = self._volume(img, msk, config, tfms)

@@ -16,15 +16,25 @@ from torch.func import functional_call
 from fastcore.basics import store_attr
 
 # %% auto #0
-__all__ = ['unet_divisor', 'check_unet_input', 'ConvBlock', 'UNet', 'is_size_conditional', 'model_forward', 'HyperUNet']
+__all__ = ['unwrap_model', 'learner_model', 'unet_divisor', 'check_unet_input', 'ConvBlock', 'UNet', 'is_size_conditional',
+           'model_forward', 'HyperUNet']
 
 # %% ../nbs/07_models.ipynb #84cb1ca5
-def _unwrap(model):
+def unwrap_model(model):
     "The module inside DistributedDataParallel / DataParallel / `torch.compile` wrappers"
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
         else: return model
+
+def learner_model(learner, # a fastai Learner (anything with a `.model` module), or a torch module
+                  name: str = 'learner', # the argument's name, for the error
+                  accepted: str = 'a fastai Learner or a torch module', # what the caller accepts, for the error
+                 ) -> nn.Module:
+    "The network of `learner` (a module is its own network)"
+    model = learner if isinstance(learner, nn.Module) else getattr(learner, 'model', None)
+    if not isinstance(model, nn.Module): raise TypeError(f"{name} must be {accepted}, got {type(learner).__name__}")
+    return model
 
 # %% ../nbs/07_models.ipynb #cbf62fab
 def unet_divisor(model_or_n_down) -> int:
@@ -35,7 +45,7 @@ def unet_divisor(model_or_n_down) -> int:
     if isinstance(m, int):
         if m < 0: raise ValueError(f"n_down must be >= 0, got {m}")
         return 2 ** m
-    m = _unwrap(m)
+    m = unwrap_model(m)
     if isinstance(getattr(m, 'n_down', None), int): return 2 ** m.n_down
     strides = getattr(m, 'strides', None)  # MONAI UNet / DynUNet
     if strides is not None:
@@ -142,7 +152,7 @@ class UNet(nn.Module):
 # %% ../nbs/07_models.ipynb #a311593f
 def is_size_conditional(model) -> bool:
     "Whether `model` follows the protocol `model(x, patch_size=...)` (its `conditions_on_patch_size` is True)"
-    return bool(getattr(_unwrap(model), 'conditions_on_patch_size', False))
+    return bool(getattr(unwrap_model(model), 'conditions_on_patch_size', False))
 
 def model_forward(model, x, patch_size=None):
     "Call `model` on the batch `x` following the patch-size protocol (`patch_size` defaults to `x.shape[2:]`)"

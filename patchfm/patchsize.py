@@ -24,7 +24,7 @@ from .data import size_choices
 from .inference import patch_inference
 from .learner import patch_learner
 from .metrics import calculate_dsc
-from .models import HyperUNet, unet_divisor
+from .models import HyperUNet, learner_model, unet_divisor
 
 # %% auto #0
 __all__ = ['augmented_config', 'check_patch_sizes', 'hyper_learner', 'evaluate_patch_sizes', 'patch_size_table',
@@ -124,8 +124,6 @@ def hyper_learner(dls, # `MedPatchDataLoaders` built with `patch_size_range` (se
     return patch_learner(dls, model=model, n_classes=n, loss_func=loss_func, metrics=metrics, **kwargs)
 
 # %% ../nbs/10_patchsize.ipynb #66785e93
-_case_name = case_name  # the library's one rule (patchfm.core)
-
 def _sizes(sizes, config: PatchConfig) -> list:
     "Patch sizes to evaluate as 3-tuples (default: the config's training range, else its patch_size)"
     if sizes is None:
@@ -169,8 +167,7 @@ def evaluate_patch_sizes(learn, # fastai Learner (or a torch module)
                         ) -> pd.DataFrame:
     "Run `patch_inference` at each patch size: one row per (size, case) with Dice per class and inference time"
     if not isinstance(config, PatchConfig): raise TypeError(f"config must be a PatchConfig, got {type(config).__name__}")
-    model = learn if isinstance(learn, torch.nn.Module) else getattr(learn, 'model', None)
-    if not isinstance(model, torch.nn.Module): raise TypeError(f"learn must be a fastai Learner or a torch module, got {type(learn).__name__}")
+    model = learner_model(learn, 'learn')
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     gt_paths = [gt_paths] if isinstance(gt_paths, (str, Path)) else list(gt_paths)
     if len(paths) != len(gt_paths): raise ValueError(f"got {len(paths)} image(s) but {len(gt_paths)} ground-truth file(s)")
@@ -200,7 +197,7 @@ def evaluate_patch_sizes(learn, # fastai Learner (or a torch module)
                                  f"the prediction of {path} {tuple(pred.shape[-3:])}; are they the same case?")
             p, g = pred.reshape(pred.shape[-3:]), gt.reshape(gt.shape[-3:])
             dice = calculate_dsc(torch.stack([p == k for k in labels])[None], torch.stack([g == k for k in labels])[None])[0]
-            rows.append(dict(model=name, size=_size_label(s), patch_size=s, case=_case_name(path),
+            rows.append(dict(model=name, size=_size_label(s), patch_size=s, case=case_name(path),
                              **dict(zip(cols, dice.tolist())), mean_dice=float(dice.nanmean()), time_s=float(t)))
     return pd.DataFrame(rows)
 

@@ -22,8 +22,11 @@ from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 
 from .config import PatchConfig
-from .data import PatchDataLoader, PatchSubjects, check_subjects, expected_shape
+from .core import overlap_in_voxels
+from .dataset import pipeline_grid
+from .data import PatchDataLoader, PatchSubjects, check_subjects
 from .learner import SavedModel
+from .models import learner_model
 
 # %% auto #0
 __all__ = ['MEASURES', 'WHERE', 'TorchPatchPerformance', 'NoPatchesSeenError', 'bce_measure', 'bce_logits_measure', 'l1_measure',
@@ -407,9 +410,7 @@ def _profile(a) -> tuple:
 def _model_defaults(learn) -> tuple:
     "`(module, patch_config or None, pre_patch_tfms or None)` of a fastai Learner, a `SavedModel` or a bare module"
     if isinstance(learn, torch.nn.Module): return learn, None, None
-    model = getattr(learn, 'model', None)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"learn must be a fastai Learner, a SavedModel or a torch module, got {type(learn).__name__}")
+    model = learner_model(learn, 'learn', 'a fastai Learner, a SavedModel or a torch module')
     if isinstance(learn, SavedModel): return model, learn.config, learn.pre_patch_tfms
     dls = getattr(learn, 'dls', None)
     return model, getattr(dls, 'patch_config', None), getattr(dls, 'pre_patch_tfms', None)
@@ -439,7 +440,7 @@ def _positive_int(v, name) -> int:
 
 def _warn_narrow(subjects, grids, cfg):
     "Warn about volumes less than two patches wide along an axis (after resampling)"
-    shapes = [expected_shape(g, cfg) for g in grids]
+    shapes = [pipeline_grid(g, cfg.apply_reorder, cfg.target_spacing)[0] for g in grids]
     narrow = [(m, s) for m, s in zip(subjects.masks, shapes) if any(n < 2 * p for n, p in zip(s, cfg.patch_size))]
     if narrow:
         warnings.warn(f"record_performance_map: {len(narrow)} of {len(grids)} volume(s) are less than two patches "
@@ -542,21 +543,6 @@ def plot_patch_performance(pmap, # map `(C, *patch_size)` (2D or 3D patches)
     return fig
 
 # %% ../nbs/11_performance.ipynb #e72d44d1
-def _per_axis_overlap(overlap, patch) -> tuple:
-    "Overlap in voxels per axis from an int, a per-axis sequence, or a fraction of the patch in [0, 1)"
-    vals = list(overlap) if isinstance(overlap, (tuple, list, np.ndarray, torch.Size)) else [overlap] * len(patch)
-    if len(vals) != len(patch):
-        raise ValueError(f"overlap {overlap!r} must have one value per axis of patch_size {patch}")
-    res = []
-    for ax, (o, p) in enumerate(zip(vals, patch)):
-        if isinstance(o, (float, np.floating)) and not float(o).is_integer():
-            if not 0 <= o < 1: raise ValueError(f"overlap fraction {o} on axis {ax} must be in [0, 1)")
-            o = min(math.ceil(o * p - 1e-9), p - 1)  # rounded up, as `PatchConfig.overlap_voxels` and `grid.overlap_voxels`
-        o = int(o)
-        if not 0 <= o < p: raise ValueError(f"overlap {o} on axis {ax} must be in [0, patch_size - 1 = {p - 1}] voxels")
-        res.append(o)
-    return tuple(res)
-
 def windows_for_overlap(image_shape, # spatial shape of the volume, e.g. (X, Y, Z)
                         patch_size, # spatial patch size, one value per axis
                         overlap=0, # voxels (int or one per axis), or a fraction of the patch in [0, 1)
@@ -566,7 +552,7 @@ def windows_for_overlap(image_shape, # spatial shape of the volume, e.g. (X, Y, 
     if len(shape) != len(patch): raise ValueError(f"image_shape {shape} and patch_size {patch} need the same number of axes")
     if min(shape + patch) < 1: raise ValueError(f"image_shape {shape} and patch_size {patch} must be positive")
     n = 1
-    for s, p, o in zip(shape, patch, _per_axis_overlap(overlap, patch)):
+    for s, p, o in zip(shape, patch, overlap_in_voxels(overlap, patch)):
         n *= 1 if s <= p else math.ceil((s - p) / (p - o)) + 1
     return n
 

@@ -14,7 +14,7 @@ from matplotlib import colormaps
 
 # %% auto #0
 __all__ = ['PLANES', 'foreground_slice', 'foreground_center', 'label_cmap', 'draw_slice', 'draw_three_planes',
-           'show_three_planes', 'plot_volume_grid', 'show_segmentation_comparison', 'plot_metric_curve']
+           'show_three_planes', 'plot_volume_grid', 'show_segmentation_comparison', 'show_patches', 'plot_metric_curve']
 
 # %% ../nbs/13_plot.ipynb #0dc43150
 PLANES = ('sagittal', 'coronal', 'axial')
@@ -181,6 +181,44 @@ def show_segmentation_comparison(
     draw_slice(ax_pr, img, pr, anatomical_plane, slice_index, sp, alpha, win, pred_title)
     fig.suptitle(f"{PLANES[anatomical_plane]} slice {slice_index} of {img.shape[anatomical_plane]}")
     return fig
+
+# %% ../nbs/13_plot.ipynb #ae711e0f
+def show_patches(x, # (B,C,X,Y,Z) images
+                 y=None, # (B,1,X,Y,Z) labels
+                 pred=None, # (B,1,X,Y,Z) predicted labels, shown in extra columns
+                 max_n: int = 4, # rows (patches) shown
+                 spacing=None, # voxel spacing (mm) for the aspect ratio
+                 figsize=None, # matplotlib figure size
+                 show: bool = True, # show the figure (False: return it instead)
+                ):
+    "Sagittal, coronal and axial slices through the centre of each patch, labels overlaid"
+    import matplotlib.pyplot as plt
+    x = torch.as_tensor(x).detach().cpu().float()
+    n = min(max_n, x.shape[0])
+    sets = [('target', y)] + ([('prediction', pred)] if pred is not None else [])
+    ncol = 3 * len(sets)
+    fig, axs = plt.subplots(n, ncol, figsize=figsize or (2.2 * ncol, 2.2 * n), squeeze=False)
+    sp = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    planes = ('sagittal', 'coronal', 'axial')
+    for r in range(n):
+        img = x[r, 0]
+        vmin, vmax = float(img.min()), float(img.max())
+        for s, (name, lab) in enumerate(sets):
+            for p in range(3):
+                ax = axs[r, 3 * s + p]
+                i = img.shape[p] // 2
+                ax.imshow(img.select(p, i).numpy().T, cmap='gray', origin='lower', vmin=vmin, vmax=vmax,
+                          aspect=[q for k, q in enumerate(sp) if k != p][1] / [q for k, q in enumerate(sp) if k != p][0])
+                if lab is not None:
+                    l = torch.as_tensor(lab).detach().cpu()[r, 0].select(p, i).numpy().T
+                    ax.imshow(np.ma.masked_where(l == 0, l), cmap='tab10', vmin=0, vmax=9, alpha=0.5, origin='lower',
+                              interpolation='nearest',
+                              aspect=[q for k, q in enumerate(sp) if k != p][1] / [q for k, q in enumerate(sp) if k != p][0])
+                ax.set_xticks([]); ax.set_yticks([])
+                if r == 0: ax.set_title(f"{planes[p]}" + (f" ({name})" if pred is not None else ''), fontsize=8)
+    fig.tight_layout()
+    if not show: return fig
+    plt.show()
 
 # %% ../nbs/13_plot.ipynb #c998249f
 def plot_metric_curve(

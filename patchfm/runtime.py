@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['heap_cache_available', 'cpu_heap_cache', 'release_cached_memory', 'HeapCacheCallback']
+__all__ = ['heap_cache_available', 'cpu_heap_cache', 'release_cached_memory', 'mmap_large_buffers', 'library_versions',
+           'HeapCacheCallback']
 
 # %% ../nbs/00a_runtime.ipynb #7905240e
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt parameter numbers (malloc.h)
 _INITIAL_TRIM, _INITIAL_MMAP_MAX = 128 * 1024, 65536  # glibc's initial values
 _KEEP_TRIM = 2**31 - 1  # 2 GiB: freed memory below this stays in the heap
 
@@ -74,9 +75,29 @@ def cpu_heap_cache(enable: bool = True, # False: do nothing (lets callers pass t
         if active: _heap_cache.exit()
 
 # %% ../nbs/00a_runtime.ipynb #7e5c6d3f
-def release_cached_memory():
-    "Inside a `cpu_heap_cache` block, give the free heap pages back to the system now; elsewhere do nothing"
-    if _heap_cache.libc is not None: _heap_cache.trim()
+def release_cached_memory(always: bool = False, # also outside a `cpu_heap_cache` block (e.g. after a loader stops)
+                         ):
+    "Give the free heap pages back to the system now: inside a `cpu_heap_cache` block, or anywhere with `always`"
+    if _heap_cache.libc is None: return  # not glibc: nothing to do
+    if always: _heap_cache.libc.malloc_trim(0)
+    else: _heap_cache.trim()
+
+def mmap_large_buffers(threshold: int = 1 << 20, # bytes: larger allocations are mapped (and unmapped when freed)
+                      ) -> bool: # whether the setting took effect (glibc only)
+    "For a worker process: buffers above `threshold` go straight back to the system when freed (glibc otherwise keeps them)"
+    return _heap_cache.libc is not None and bool(_heap_cache.libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+
+# %% ../nbs/00a_runtime.ipynb #199588ce
+def library_versions(packages=('torch', 'fastai', 'monai', 'torchio'), # modules whose `__version__` to report
+                    ) -> dict: # {'patchfm': ..., package: version} for the packages installed
+    "Versions of patchfm and `packages` (local tags such as +cu130 kept)"
+    import importlib
+    from patchfm import __version__
+    out = dict(patchfm=__version__)
+    for pkg in packages:
+        try: out[pkg] = str(importlib.import_module(pkg).__version__)
+        except (ImportError, AttributeError): pass
+    return out
 
 # %% ../nbs/00a_runtime.ipynb #58da66f9
 class HeapCacheCallback(Callback):

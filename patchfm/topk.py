@@ -29,6 +29,7 @@ from .data import preprocess_subject
 from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs_to_labels
 from .inference import (preprocess_for_inference, probabilities_to_original, keep_largest_component,
                                InferenceResults)
+from .models import learner_model
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'gumbel_noise', 'gumbel_topk', 'ObjectnessHead', 'PatchRefiner', 'PatchBlender', 'zoom_indices',
@@ -463,7 +464,7 @@ def topk_learner(
 
 # %% ../nbs/16_topk.ipynb #af900ae5
 def _topk_model(learner) -> TopKSegmenter:
-    m = learner if isinstance(learner, nn.Module) else getattr(learner, 'model', None)
+    m = learner_model(learner, accepted='a TopKSegmenter or a Learner around one (see topk_learner)')
     if not isinstance(m, TopKSegmenter):
         raise TypeError(f"expected a TopKSegmenter or a Learner around one (see topk_learner); got {type(m).__name__}")
     return m

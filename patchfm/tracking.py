@@ -24,7 +24,9 @@ from fasttransform import Pipeline
 from safetensors.torch import save_file
 
 import patchfm
+from .runtime import library_versions
 from .config import PatchConfig
+from .models import unwrap_model
 from .learner import SavedModel, load_model, model_spec, save_model
 
 # %% auto #0
@@ -130,7 +132,7 @@ def _patch_params(cfg) -> dict:
     return {f'patch_{k}': v for k, v in cfg.to_dict().items()} if isinstance(cfg, PatchConfig) else {}
 
 def _model_params(model, model_kwargs=None) -> dict:
-    model = getattr(model, 'module', model)
+    model = unwrap_model(model)
     out = dict(model_class=f"{type(model).__module__}.{type(model).__qualname__}")
     try: out.update({f'model_{k}': v for k, v in model_spec(model, model_kwargs)['model_kwargs'].items()})
     except Exception as e: out['model_kwargs'] = f"unknown ({_compact(e)})"
@@ -207,21 +209,14 @@ def _data_params(dls, pre_patch_tfms=None) -> dict:
     if ptfms is not None: out['patch_tfms'] = _tfm_reprs(ptfms)
     return out
 
-def _versions() -> dict:
-    import importlib
-    out = dict(version_python=platform.python_version(), version_patchfm=patchfm.__version__)
-    for pkg in ('torch', 'fastai', 'monai', 'torchio', 'mlflow', 'numpy'):
-        try: out[f'version_{pkg}'] = str(importlib.import_module(pkg).__version__)  # with local tags such as +cu130
-        except (ImportError, AttributeError): pass
-    return out
-
 def _env_params(learn) -> dict:
     p = next(iter(learn.model.parameters()), None)
     dev = getattr(learn.dls, 'device', None) or (p.device if p is not None else 'cpu')
     out = dict(device=str(dev), torch_threads=torch.get_num_threads(), platform=platform.platform(),
                mixed_precision=any(type(cb).__name__ == 'MixedPrecision' for cb in learn.cbs))
     if torch.cuda.is_available() and torch.device(dev).type == 'cuda': out['cuda_device'] = torch.cuda.get_device_name(torch.device(dev))
-    return {**out, **_versions()}
+    return {**out, 'version_python': platform.python_version(),
+            **{f'version_{k}': v for k, v in library_versions(('torch', 'fastai', 'monai', 'torchio', 'mlflow', 'numpy')).items()}}
 
 def learner_params(learn, # a fastai Learner (ideally inside a fit, for the schedule and fit arguments)
                    patch_config: PatchConfig | None = None, # default: `learn.dls.patch_config`
@@ -314,7 +309,6 @@ def curves_figure(history: list, # one dict of metric values per epoch (with an 
 class TrackingWarning(UserWarning):
     "An MLflow call failed; training continues"
 
-_STATUS_FOR = {KeyboardInterrupt: 'KILLED'}
 _ARTIFACTS = dict(config='patch_config.json', description='model_description.json', params='params.json',
                   split='split.csv', curves='loss_curve.png', best='best_model', final='final_model')
 
@@ -427,13 +421,11 @@ def _pre_tfms(self: MLflowCallback):
     return self.pre_patch_tfms if self.pre_patch_tfms is not None else getattr(self.learn.dls, 'pre_patch_tfms', None)
 
 # %% ../nbs/12_tracking.ipynb #8fe8bb2e
-def _unwrap(model): return getattr(model, 'module', model)
-
 @patch
 def _description(self: MLflowCallback) -> dict:
     "Model class, constructor arguments, architecture and preprocessing, as logged in `model_description.json`"
     from patchfm.config import transform_to_spec
-    model = _unwrap(self.learn.model)
+    model = unwrap_model(self.learn.model)
     try: d = model_spec(model, self.model_kwargs)
     except Exception as e: d = dict(model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_kwargs=None, error=_compact(e))
     def spec(t):
@@ -501,7 +493,7 @@ def _update_best(self: MLflowCallback, vals: dict):
     if self._best is None or self.comp(v, self._best):
         self._best, self._best_epoch = v, self.learn.epoch
         if self.log_model:
-            self._best_state = {k: t.detach().to('cpu', copy=True) for k, t in _unwrap(self.learn.model).state_dict().items()}
+            self._best_state = {k: t.detach().to('cpu', copy=True) for k, t in unwrap_model(self.learn.model).state_dict().items()}
 
 @patch
 def _log_epoch(self: MLflowCallback):
@@ -527,7 +519,7 @@ def _log_weights(self: MLflowCallback, folder: str, state: dict | None):
             warnings.warn(f"the logged weights cannot be rebuilt by load_model_from_run ({_compact(e)}); only model.safetensors "
                           "is logged. Pass patch_config= and/or model_kwargs= to the callback to log complete models.", TrackingWarning)
             p.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(self.learn.model).state_dict().items()}, str(p / 'model.safetensors'))
+            save_file({k: v.detach().cpu().contiguous() for k, v in unwrap_model(self.learn.model).state_dict().items()}, str(p / 'model.safetensors'))
         if state is not None: save_file({k: v.contiguous() for k, v in state.items()}, str(p / 'model.safetensors'))
         self._client.log_artifacts(self.run_id, str(p), folder)
 
@@ -542,7 +534,7 @@ def _log_curves(self: MLflowCallback):
 
 @patch
 def _note(self: MLflowCallback, status: str, error: str | None) -> str:
-    model = type(_unwrap(self.learn.model)).__name__
+    model = type(unwrap_model(self.learn.model)).__name__
     cfg = self._config()
     lines = [f"**{model}**, {len(self._history)} of {getattr(self.learn, 'n_epoch', '?')} epochs, {status.lower()}"
              + (f", patch size {cfg.patch_size}" if isinstance(cfg, PatchConfig) else '') + '.']

@@ -76,6 +76,26 @@ def test_overlap_voxels_agrees_with_the_grid():
     assert PatchConfig(target_spacing=1.5).target_spacing == (1.5, 1.5, 1.5)
 
 
+
+_OVERLAPS = [0, 1, 3, 7, 8, 15, 16, 31, 32, 40, -1, -2, 0.0, 0.1, 0.25, 0.31, 1 / 3, 0.5, 0.75, 0.99, 0.999, 1.0, 1.5,
+             2.0, -0.1, float('nan'), float('inf'), True, False, None, '0.5', b'1', np.int64(4), np.float64(0.5),
+             (0.5, 8, 0.25), (4, 4, 8), (0, 0, 0), (0.5, 0.5), (4, 4), (1, 2, 3, 4), (), [0.5, 2, 0.9], (0.5, None, 1),
+             np.array([2, 3, 4]), torch.tensor(0.25), (True, 0, 0), (1.0, 0, 0)]
+_SIZES = [(1, 1, 1), (2, 2, 2), (8, 8, 8), (7, 24, 25), (16, 24, 8), (32, 32, 1), (48, 96, 97)]
+
+@pytest.mark.parametrize('patch_size', _SIZES)
+def test_overlap_rule_is_one_rule(patch_size):
+    "PatchConfig and patchfm.grid accept and refuse the same overlaps and agree on the voxels (the rule of patchfm.core)"
+    from patchfm.grid import overlap_voxels
+    for o in _OVERLAPS:
+        try: grid = overlap_voxels(patch_size, o)
+        except ValueError as e: grid = ('error', str(e))
+        try: cfg = PatchConfig(patch_size=patch_size, patch_overlap=o).overlap_voxels
+        except ValueError as e:
+            assert 'PatchConfig.patch_overlap' in str(e), (patch_size, o, e)
+            cfg = ('error', str(e).removeprefix('PatchConfig.patch_overlap: '))
+        assert cfg == grid, (patch_size, o, cfg, grid)
+
 def test_frozen_and_replace():
     c = PatchConfig()
     with pytest.raises(Exception):
