@@ -161,8 +161,8 @@ def draw_centres(n: int, # number of centres
     region = tuple(slice(l, h + 1) for l, h in b)
     uniform = lambda: np.stack([rng.integers(l, h + 1, size=n) for l, h in b], 1)
     if sampler == 'uniform': return uniform()
-    if sampler == 'label':
-        r = np.asarray(mask[0][region])
+    if sampler == 'label':  # a voxel of the drawn label anywhere, the patch shifted inside the volume
+        r = np.asarray(mask[0])
         groups = ({1: np.flatnonzero(r > 0)} if label_probabilities is None else
                   {k: np.flatnonzero(r == k) for k, p in label_probabilities.items() if p > 0})
         present = [k for k, g in groups.items() if len(g)]
@@ -170,7 +170,7 @@ def draw_centres(n: int, # number of centres
         p = np.array([1.0 if label_probabilities is None else label_probabilities[k] for k in present]); p /= p.sum()
         which = rng.choice(len(present), size=n, p=p)
         flat = np.array([groups[present[j]][rng.integers(len(groups[present[j]]))] for j in which], dtype=np.int64)
-        return np.stack(np.unravel_index(flat, r.shape), 1) + lo
+        return np.clip(np.stack(np.unravel_index(flat, r.shape), 1), lo, np.array([h for _, h in b]))
     if sampler == 'weighted':
         wr = np.asarray(weight[0][region], dtype=np.float64)
         w = wr.ravel()
