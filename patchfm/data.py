@@ -303,8 +303,9 @@ class PatchSource(torch.utils.data.Dataset):
                  augment: bool = True, # apply `patch_tfms`
                  cache_dir=None, # folder of preprocessed volumes (None: preprocess at every visit)
                  tiles: bool = False, # cover the whole volume with non-overlapping patches instead of sampling (validation)
+                 n_classes: int | None = None, # classes the model predicts: a mask value outside [0, n_classes) is an error naming the file
                 ):
-        store_attr('subjects,patch_config,pre_patch_tfms,patch_tfms,augment,cache_dir,tiles')
+        store_attr('subjects,patch_config,pre_patch_tfms,patch_tfms,augment,cache_dir,tiles,n_classes')
         self.sample_size = tuple(int(s) for s in (sample_size or patch_config.patch_size))
         self.pad_size = self.sample_size if any(s > p for s, p in zip(self.sample_size, patch_config.patch_size)) else None
         self.tfm = tio.Compose(list(patch_tfms)) if augment and patch_tfms else None
@@ -339,6 +340,10 @@ class PatchSource(torch.utils.data.Dataset):
         if self.cache_dir is None:
             v = preprocess_subject(list(images), cfg, self.pre_patch_tfms, mask=mask, weight=weight, pad_size=self.pad_size)
         else: v = cached_subject(self.cache_dir, list(images), cfg, self.pre_patch_tfms, mask, weight, self.pad_size)
+        if self.n_classes is not None:
+            bad = [l for l in (v.get('labels') or _labels_present(v['mask'])) if not 0 <= l < self.n_classes]
+            if bad: raise MedicalImageError(f"{mask}: label value(s) {bad} outside [0, {self.n_classes}) for a model of "
+                                            f"{self.n_classes} classes; map them with PatchConfig(label_map={{value: class}})")
         probs = cfg.label_probabilities
         if cfg.sampler_type == 'label' and probs is not None and not self.tiles:
             present = v.get('labels') or _labels_present(v['mask'])
@@ -627,6 +632,7 @@ class PatchDataLoader(DataLoader):
                  tiles: bool = False, # (validation) cover every volume with non-overlapping patches instead of sampling
                  rank: int | None = None, # (training) this process's shard of the subjects (default: the process group's rank, else 0)
                  world_size: int | None = None, # (training) number of shards (default: the process group's size, else 1)
+                 n_classes: int | None = None, # classes of the model (set by `patch_learner`): other mask values raise naming the file
                  **kwargs): # other fastai `DataLoader` arguments
         dataset = PatchSubjects() if dataset is None else dataset
         patch_config = PatchConfig() if patch_config is None else patch_config
@@ -643,7 +649,7 @@ class PatchDataLoader(DataLoader):
         super().__init__(dataset, bs=bs, num_workers=0, shuffle=shuffle, drop_last=drop_last, n=n, device=device, **kwargs)
         if isinstance(worker_nice, bool) or not isinstance(worker_nice, Integral) or not 0 <= worker_nice <= 19:
             raise ValueError(f"worker_nice must be an integer in [0, 19], got {worker_nice!r}")
-        store_attr('patch_config,pre_patch_tfms,patch_tfms,train,seed,prefetch_factor,mp_context,cache_dir,persistent_workers,worker_nice,tiles')
+        store_attr('patch_config,pre_patch_tfms,patch_tfms,train,seed,prefetch_factor,mp_context,cache_dir,persistent_workers,worker_nice,tiles,n_classes')
         self.num_workers_, self.epoch, self.rank, self.world_size = int(num_workers), 0, rank, world_size
         self._read = []  # subjects read by closed streams
         rng_ = patch_config.patch_size_range if train else None
@@ -667,7 +673,7 @@ class PatchDataLoader(DataLoader):
                   drop_last=self.drop_last, train=self.train, num_workers=self.num_workers_, seed=self.seed,
                   device=self.device, prefetch_factor=self.prefetch_factor, mp_context=self.mp_context,
                   cache_dir=self.cache_dir, persistent_workers=self.persistent_workers, worker_nice=self.worker_nice,
-                  tiles=self.tiles, rank=self.rank, world_size=self.world_size)
+                  tiles=self.tiles, rank=self.rank, world_size=self.world_size, n_classes=self.n_classes)
         if 'get_idxs' in self.__dict__: kw['get_idxs'] = self.__dict__['get_idxs']
         for k in ('after_batch', 'before_iter', 'after_iter'):
             if k in self.__dict__: kw[k] = self.__dict__[k]
@@ -698,7 +704,8 @@ class PatchDataLoader(DataLoader):
 
     def _source(self) -> PatchSource:
         return PatchSource(self.dataset, self.patch_config, self.pre_patch_tfms, self.patch_tfms,
-                           sample_size=self.sample_size, augment=self.train, cache_dir=self.cache_dir, tiles=self.tiles)
+                           sample_size=self.sample_size, augment=self.train, cache_dir=self.cache_dir, tiles=self.tiles,
+                           n_classes=self.n_classes)
 
     def _queue_length(self) -> int:
         "Patches the shuffle buffer is topped up to before each batch (a FIFO is topped up only as needed)"
@@ -706,7 +713,7 @@ class PatchDataLoader(DataLoader):
 
     def _signature(self) -> tuple:
         "What the stream's workers and buffer were made with: a change starts a new stream"
-        return (self.dataset, self.patch_config, self.pre_patch_tfms, self.patch_tfms, self.sample_size, self.train, self.tiles,
+        return (self.dataset, self.patch_config, self.pre_patch_tfms, self.patch_tfms, self.sample_size, self.train, self.tiles, self.n_classes,
                 self.shuffle, self.seed, self.cache_dir, self.num_workers_, self.prefetch_factor, self.mp_context, self.worker_nice,
                 self.rank, self.world_size)
 
@@ -945,6 +952,7 @@ class MedPatchDataLoaders(DataLoaders):
                 cache_dir=None, # folder for preprocessed volumes reused across visits and runs (None: no cache)
                 persistent_workers: bool | None = None, # keep workers and buffer between epochs (None: training loader only)
                 worker_nice: int = 5, # lower the workers' priority by this much, so that busy CPUs serve training first
+                n_classes: int | None = None, # classes of the model: a mask value outside [0, n_classes) raises naming the file (`patch_learner` sets it)
                 valid_tiles: bool = True, # validation patches tile each validation volume (metrics score whole volumes); False: sampled like training
                 rank: int | None = None, # shard of the training subjects this process reads (default: the `torch.distributed` rank, else 0)
                 world_size: int | None = None, # number of shards (default: the `torch.distributed` world size, else 1)
@@ -982,7 +990,7 @@ class MedPatchDataLoaders(DataLoaders):
         device = default_device() if device is None else device
         kw = dict(patch_config=cfg, pre_patch_tfms=pre, bs=bs, num_workers=nw, seed=seed, device=device,
                   prefetch_factor=prefetch_factor, cache_dir=None if cache_dir is None else str(cache_dir),
-                  persistent_workers=persistent_workers, worker_nice=worker_nice)
+                  persistent_workers=persistent_workers, worker_nice=worker_nice, n_classes=n_classes)
         train = PatchDataLoader(subjects.subset(t_idx), rank=rank, world_size=world_size, patch_tfms=ptf, shuffle=True, train=True, **kw)
         valid = PatchDataLoader(subjects.subset(v_idx), patch_tfms=ptf, shuffle=False, train=False, tiles=bool(valid_tiles), **kw)
         return cls(train, valid, path=path, device=device)

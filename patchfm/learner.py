@@ -271,6 +271,8 @@ def patch_learner(dls, # `MedPatchDataLoaders` (or any loaders yielding (B,C,X,Y
     "A fastai Learner for patch-based segmentation with sensible defaults"
     n = _n_classes(dls, n_classes)
     n_out = 1 if (sigmoid and n == 2) else n
+    for dl in getattr(dls, 'loaders', ()):  # patch loaders then name a mask whose values the model cannot predict
+        if hasattr(dl, 'n_classes') and getattr(dl, 'n_classes') is None: dl.n_classes = n
     if model is None:
         b = dls.one_batch() if not hasattr(dls, 'n_channels') else None
         in_ch = dls.n_channels if b is None else b[0].shape[1]

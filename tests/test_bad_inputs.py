@@ -515,3 +515,29 @@ def test_sigkill_mid_batch_leaves_no_partial_output_and_rerun_completes(tmp_path
     assert p.returncode == 0 and out.split()[:2] == ['done', '6'], err[-2000:]
     check_outputs()
     assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == [f'c{i}_pred.nii.gz' for i in range(6)]
+
+
+# ---------------------------------------------------------------- item 9: a mask value the model cannot predict names its file
+@pytest.mark.parametrize('via', ['from_df', 'patch_learner'])
+def test_mask_value_outside_model_classes_names_the_file(tmp_path, via):
+    import pandas as pd
+    from patchfm.core import write_nifti
+    from patchfm.config import PatchConfig
+    from patchfm.core import MedicalImageError
+    from patchfm.data import MedPatchDataLoaders
+    from patchfm.learner import patch_learner
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, top in enumerate([1, 3]):  # the second mask holds a 3: a 2-class model cannot predict it
+        m = np.zeros((20, 20, 20), np.uint8); m[5:12, 5:12, 5:12] = top
+        rows.append((str(write_nifti(rng.normal(0, 1, m.shape).astype(np.float32), np.eye(4), tmp_path / f'i{i}.nii.gz')),
+                     str(write_nifti(m, np.eye(4), tmp_path / f'm{i}.nii.gz'))))
+    df = pd.DataFrame(dict(image=[r[0] for r in rows], label=[r[1] for r in rows], is_valid=[False, False]))
+    cfg = PatchConfig(patch_size=16, samples_per_volume=2, queue_length=4)  # uniform sampler
+    kw = dict(valid_col='is_valid', patch_config=cfg, bs=2, seed=0, num_workers=0)
+    if via == 'from_df': dls = MedPatchDataLoaders.from_df(df, 'image', 'label', n_classes=2, **kw)
+    else:
+        dls = MedPatchDataLoaders.from_df(df, 'image', 'label', **kw)
+        patch_learner(dls, n_classes=2, model=torch.nn.Conv3d(1, 2, 1))
+        assert dls.train.n_classes == 2
+    with pytest.raises(MedicalImageError, match=r"m1\.nii\.gz: label value\(s\) \[3\] outside \[0, 2\)"): list(dls.train)
