@@ -263,6 +263,10 @@ def _file_dims(p: Path) -> int | None:
     except Exception: return None
 
 # %% ../nbs/00_core.ipynb #9d560b01
+# Not `warnings.catch_warnings()` around the read: reads run in threads (MedDataset, the inference reader) and that
+# context manager swaps the process-wide filter list, so two overlapping reads can leave every warning ignored.
+warnings.filterwarnings('ignore', message=r'(?s).*Trying NiBabel')
+
 def _tio_image(path, cls=tio.ScalarImage, nonfinite='raise'):
     p = _existing(path)
     if p.is_file():
@@ -270,10 +274,7 @@ def _tio_image(path, cls=tio.ScalarImage, nonfinite='raise'):
         if nd is not None and nd < 3: raise MedicalImageError(f"{p}: expected a 3D volume, the file holds a {nd}-D image")
         check_payload(p)
     img = cls(p)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # TorchIO's "trying NiBabel" warning: the error below names the file
-            img.load()
+    try: img.load()  # TorchIO's "Trying NiBabel" warning is filtered above: the error raised here names the file
     except Exception as e: raise MedicalImageError(f"{p}: cannot read the image ({type(e).__name__}: {e})") from e
     if img.data.ndim != 4: raise MedicalImageError(f"{p}: expected a 3D volume, got data of shape {tuple(img.data.shape)}")
     _check_finite(img, p, nonfinite)

@@ -206,6 +206,7 @@ def random_transforms(tfms) -> list:
     "The random transforms among `tfms` (including inside `Compose`)"
     return [t for t in _walk_tfms(tfms or []) if isinstance(t, RandomTransform)]
 
+# %% ../nbs/04_data.ipynb #c6ed7c83
 def _tfm_id(t) -> dict:
     try: return transform_to_spec(t)
     except Exception: return dict(name=type(t).__name__, vars=repr(sorted((k, repr(v)) for k, v in vars(t).items())))
@@ -387,6 +388,7 @@ def size_choices(patch_size_range) -> list:
     "The sizes each axis can take: `range(lo, hi, step)` per axis"
     return [list(range(lo, hi, step)) for lo, hi, step in patch_size_range]
 
+# %% ../nbs/04_data.ipynb #f6eddbc5
 def _default_context():
     "fork where available (cheap worker start, nothing to pickle), else the platform's default"
     return mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else None
@@ -411,6 +413,7 @@ def _shutdown(it):
     "Stop the worker processes of a torch `DataLoader` iterator (nothing to do for an in-process iterator)"
     if hasattr(it, '_shutdown_workers'): it._shutdown_workers()
 
+# %% ../nbs/04_data.ipynb #be946903
 _TRAIN, _VALID, _ORDER, _PICK, _SIZE, _ONE = range(6)  # seed streams
 
 def distributed_rank_world() -> tuple:
@@ -456,6 +459,7 @@ def _draw(buf, k: int, rng: np.random.Generator | None) -> list:
     for i in sorted(idx, reverse=True): buf[i] = buf[-1]; buf.pop()  # O(k) removal; the order left is seeded too
     return picked
 
+# %% ../nbs/04_data.ipynb #0ceff11a
 def _round_up(n: int, m: int) -> int: return -(-n // m) * m
 
 class _BatchMemory:
@@ -493,6 +497,7 @@ def _collate(picked, size, memory: _BatchMemory | None = None) -> tuple:
     for i in range(len(xs)): _copy_into(x[i], xs[i]); _copy_into(y[i], ys[i])  # y: converted while copied
     return x, y
 
+# %% ../nbs/04_data.ipynb #4f2ebddd
 class _Slab:
     """Shared memory cut into patch slots, made before the workers start (they inherit it). A worker writes the
     patches of a key into the slots sent with the key and returns only their numbers: no file descriptor passes
@@ -545,6 +550,7 @@ class _SlabSource(torch.utils.data.Dataset):
         item['location'] = item['location'].tolist()  # any tensor sent would need its own file descriptor
         return item
 
+# %% ../nbs/04_data.ipynb #d333456a
 class PatchStream:
     """The items of an endless key sequence, made by `num_workers` processes that live as long as the stream (or
     in-process), and the patch buffer they fill. Closing the stream, or dropping the last reference to it, stops them"""
@@ -856,6 +862,7 @@ def _check_subject(images, mask, weight) -> tuple:
     if weight is not None: _check_grid(g, read_header(weight), 'probability map', images[0], weight)
     return g, n_ch
 
+# %% ../nbs/04_data.ipynb #86fd394e
 def n_tiles(subjects: PatchSubjects, # the subjects of a split
             patch_config: PatchConfig, # gives orientation, spacing and patch size
            ) -> int:
@@ -886,6 +893,7 @@ def check_subjects(subjects: PatchSubjects, # all subjects
                               f"with padding_mode={patch_config.padding_mode!r}", UserWarning, stacklevel=3)
     return [g for g, _ in res]
 
+# %% ../nbs/04_data.ipynb #874bbffe
 def split_subjects(n: int, # number of subjects
                    valid_pct: float = 0.2, # fraction for validation
                    seed: int | None = None, # seed of the split

@@ -174,6 +174,7 @@ def _reusable(out: Path, path) -> bool:
     except (MedicalImageError, OSError): return False
     return got.same_grid(src) and got.n_channels == 1
 
+# %% ../nbs/08_inference.ipynb #2d0179df
 def _model_channels(model) -> tuple:
     "(in_channels, out_channels) a model declares (attributes or `init_kwargs`, as MONAI nets and patchfm's); None if unknown"
     m = unwrap_model(model)
@@ -200,6 +201,7 @@ def check_model_fits(model, # the network
             raise ValueError(f"the model has {cout} output channel(s) but the config's label_probabilities {sorted(probs)} "
                              f"imply {n_cls} classes: this model was not trained with this PatchConfig")
 
+# %% ../nbs/08_inference.ipynb #56567c88
 def tta_flips(learner, # a fastai Learner (its `dls.patch_tfms` tell which flips training used) or a bare module
               config: PatchConfig, # the training config (`apply_reorder` resolves anatomical axis names)
              ) -> list:
@@ -207,6 +209,7 @@ def tta_flips(learner, # a fastai Learner (its `dls.patch_tfms` tell which flips
     axes = flip_axes(getattr(getattr(learner, 'dls', None), 'patch_tfms', None), config.apply_reorder)
     return [tuple(a + 2 for a in c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
+# %% ../nbs/08_inference.ipynb #1f97d5a8
 def _check_args(batch_size, tta, threshold):
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"patch_inference: batch_size must be an integer >= 1, got {batch_size!r}")
@@ -246,6 +249,7 @@ def _remove_own_stale_temps(save_dir, outputs):
             except ProcessLookupError: f.unlink(missing_ok=True)  # its writer is gone from this machine
             except OSError: pass
 
+# %% ../nbs/08_inference.ipynb #ded8e2d4
 def patch_inference(learner, # fastai Learner (or a torch module)
                     config: PatchConfig, # the PatchConfig used in training
                     file_paths, # image paths (a list; an item may be a list of per-channel files)

@@ -134,8 +134,11 @@ class SavedModel:
 
 def _read_weights(f: Path) -> dict:
     "Tensors of a safetensors file; a pickle (torch.save) or a damaged file is refused naming it"
-    head = f.read_bytes()[:2] if f.stat().st_size else b''
-    if head[:1] == b'\x80' or head == b'PK':
+    size = f.stat().st_size
+    with open(f, 'rb') as fh: head = fh.read(9)
+    n = int.from_bytes(head[:8], 'little') if len(head) == 9 else 0
+    safetensors = 0 < n <= size - 8 and head[8:9] == b'{'  # a u64 header length, then a JSON header (it may start 0x80)
+    if not safetensors and (head[:1] == b'\x80' or head[:4] == b'PK\x03\x04'):
         raise ValueError(f"{f}: this is a pickle / torch.save file, not safetensors; patchfm never unpickles weights (unsafe)")
     try: return load_file(str(f))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -541,3 +541,23 @@ def test_mask_value_outside_model_classes_names_the_file(tmp_path, via):
         patch_learner(dls, n_classes=2, model=torch.nn.Conv3d(1, 2, 1))
         assert dls.train.n_classes == 2
     with pytest.raises(MedicalImageError, match=r"m1\.nii\.gz: label value\(s\) \[3\] outside \[0, 2\)"): list(dls.train)
+
+
+def test_safetensors_whose_header_starts_like_a_pickle_loads(tmp_path):
+    "A safetensors header of exactly 128 bytes begins with 0x80, the first byte of a pickle: still loaded"
+    m = torch.nn.Conv3d(2, 3, 1)
+    save_model(m, tmp_path / 'm', config=PatchConfig(patch_size=8))
+    assert (tmp_path / 'm' / 'model.safetensors').read_bytes()[:1] == b'\x80'
+    got = load_model(tmp_path / 'm', device='cpu').model
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), got.state_dict().values()))
+    torch.save(m.state_dict(), tmp_path / 'm' / 'model.safetensors')  # a real torch.save file is still refused
+    with pytest.raises(ValueError, match='pickle'): load_model(tmp_path / 'm', device='cpu')
+
+
+def test_parallel_reads_leave_warnings_alone(tmp_path):
+    "MedDataset reads files in threads; afterwards a warning raised in the main thread is still shown"
+    import warnings
+    for i in range(6): write_nifti(np.zeros((6, 6, 6), np.uint8), AFF, tmp_path / f'm{i}.nii.gz')
+    for _ in range(5):
+        MedDataset(path=tmp_path, dtype=MedMask, progress=False, max_workers=4)
+        with pytest.warns(UserWarning, match='still here'): warnings.warn('still here', UserWarning)
