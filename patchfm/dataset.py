@@ -114,6 +114,14 @@ def _scan_all(paths, is_mask, max_workers, progress) -> list:
     return results
 
 # %% ../nbs/01_dataset.ipynb #b2c44cbc
+def _ranges(vals) -> str:
+    "Sorted integers as runs: [1, 2, 3, 7] -> '1-3, 7' (a 0/255 mask would otherwise list 254 missing labels)"
+    runs, out = [], []
+    for v in vals:
+        if runs and v == runs[-1][1] + 1: runs[-1][1] = v
+        else: runs.append([v, v])
+    return ', '.join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
 class MedDataset:
     "Parallel analysis of a set of medical images or masks: geometry table, summary, spacing and size statistics"
     def __init__(self,
@@ -205,7 +213,7 @@ class MedDataset:
         parts = []
         for v, fs in iss['stray'].items():
             parts.append(f"label {v} in {len(fs)} file(s) ({', '.join(fs[:3])}{', ...' if len(fs) > 3 else ''})")
-        if iss['missing']: parts.append(f"no voxel holds label(s) {iss['missing']}")
+        if iss['missing']: parts.append(f"no voxel holds label(s) {_ranges(iss['missing'])}")
         return ("masks hold labels that are not the classes 0..K-1: " + '; '.join(parts) +
                 ". Map stray values (e.g. 255 meaning 'ignore') with PatchConfig(label_map={255: 0}), or fix the masks")
 

@@ -561,3 +561,12 @@ def test_parallel_reads_leave_warnings_alone(tmp_path):
     for _ in range(5):
         MedDataset(path=tmp_path, dtype=MedMask, progress=False, max_workers=4)
         with pytest.warns(UserWarning, match='still here'): warnings.warn('still here', UserWarning)
+
+
+def test_label_report_compresses_missing_labels(tmp_path):
+    "A 0/255 mask: the report names 255 with its file and the missing classes as one run, not 254 numbers"
+    a = np.zeros((8, 8, 8), np.uint8); a[2:4, 2:4, 2:4] = 255
+    write_nifti(a, AFF, tmp_path / 'm.nii.gz')
+    with pytest.warns(UserWarning, match='label 255 in 1 file'): ds = MedDataset(path=tmp_path, dtype=MedMask, progress=False)
+    rep = ds.label_report()
+    assert 'no voxel holds label(s) 1-254' in rep and '2, 3' not in rep and 'm.nii.gz' in rep
