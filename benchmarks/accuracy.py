@@ -197,7 +197,7 @@ def worker_patchfm(args, files, out: Path) -> str:
     f = dict((k, v[0]) for k, v in PATCHFM_FACTORS.items()); f.update(args.factors)
     pre, aug = _common('patchfm', args)
     if f['aug_affine'] == 'identity':  # what fastMONAI does: patches augmented as 1 mm voxels at the origin
-        import patchfm.data as pd_
+        import patchfm.stream as pd_
         orig = pd_.PatchSource._augment
         pd_.PatchSource._augment = lambda self, x, y, affine: orig(self, x, y, np.eye(4))
     p0, p1 = (float(v) for v in f['probs'].split(','))

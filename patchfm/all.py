@@ -19,6 +19,10 @@ from .runtime import *
 from .dataset import *
 from .config import *
 from .grid import *
+from .preprocess import *
+from .sampling import *
+from .subjects import *
+from .stream import *
 from .data import *
 from .losses import *
 from .metrics import *
@@ -32,11 +36,13 @@ from .plot import *
 from .demo import *
 
 # %% ../nbs/99_all.ipynb #12fde72f
-import patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.data, patchfm.losses, patchfm.metrics
+import patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.preprocess, patchfm.sampling
+import patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses, patchfm.metrics
 import patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.learner, patchfm.performance, patchfm.tracking, patchfm.plot, patchfm.demo
 __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'ToCanonical', 'CropOrPad', 'RandomAffine',
            'RandomElasticDeformation', 'RandomFlip', 'RandomGamma', 'RandomBiasField', 'RandomBlur', 'RandomNoise',
-           'RandomMotion', 'RandomGhosting', 'RandomSpike', 'RandomAnisotropy', 'OneOf'] + [n for m in (patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.data, patchfm.losses,
+           'RandomMotion', 'RandomGhosting', 'RandomSpike', 'RandomAnisotropy', 'OneOf'] + [n for m in (patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid,
+                                 patchfm.preprocess, patchfm.sampling, patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses,
                                  patchfm.metrics, patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.learner, patchfm.performance,
                                  patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]
 import fastai.basics, fastai.callback.all

@@ -1,5 +1,5 @@
-"""Lazy subjects, patch samplers, a background-refilled shuffle buffer and `MedPatchDataLoaders`: real fastai
-`DataLoaders` that feed random 3D patches to a `Learner`.
+"""`PatchDataLoader` and `MedPatchDataLoaders`: real fastai `DataLoaders` that feed random 3D patches to a
+`Learner`, drawn from a background-refilled shuffle buffer.
 
 Docs: https://patchfm.github.io/patchfm/data.html.md"""
 
@@ -7,616 +7,34 @@ Docs: https://patchfm.github.io/patchfm/data.html.md"""
 
 # %% ../nbs/04_data.ipynb #3258a4e4
 from __future__ import annotations
-import copy, functools, hashlib, itertools, json, math, mmap, multiprocessing as mp, os, random, sys, warnings, weakref
+import math, random
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torchio as tio
-from torchio.transforms.augmentation import RandomTransform
-from fastcore.basics import store_attr
+from fastcore.basics import patch, store_attr
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import default_device, to_device
 
-from .core import (MedicalImageError, GridInfo, read_header, load_volume, as_label_tensor,
-                          atomic_path, remap_labels)
-from .config import PatchConfig, PadToPatch, atomic_write_text, transform_to_spec
-from .grid import patch_starts
-from .dataset import pipeline_grid
-from .runtime import mmap_large_buffers, release_cached_memory
+from .core import MedicalImageError
+from .config import PatchConfig
+from .preprocess import random_transforms
+from .sampling import derive_seed, size_choices, SeedStream
+from .subjects import PatchSubjects, n_tiles, check_subjects, split_subjects
+from .stream import (PatchSource, PatchStream, KeySequence, epoch_keys, check_shard, shard_size, draw_patches,
+                     collate_patches)
+from .runtime import distributed_rank_world, release_cached_memory
 
 # %% auto #0
-__all__ = ['PatchSubjects', 'preprocess_subject', 'centre_bounds', 'tile_starts', 'draw_centres', 'flip_axes',
-           'random_transforms', 'cache_key', 'cached_subject', 'seeded', 'derive_seed', 'PatchSource', 'size_choices',
-           'distributed_rank_world', 'shard_size', 'PatchStream', 'PatchDataLoader', 'n_tiles', 'check_subjects',
-           'split_subjects', 'MedPatchDataLoaders', 'ReleaseWorkersCallback']
-
-# %% ../nbs/04_data.ipynb #0357e9bb
-class PatchSubjects:
-    "The subjects of one split as paths: image files (one per channel), a mask file and an optional sampling map"
-    def __init__(self, images=(), # per subject: an image path, or a list of paths (one per channel)
-                 masks=(), # per subject: a label-map path
-                 weights=None, # per subject: a probability-map path (for the 'weighted' sampler), or None
-                ):
-        self.images = [tuple(str(p) for p in (ims if isinstance(ims, (list, tuple)) else [ims])) for ims in images]
-        self.masks = [str(m) for m in masks]
-        self.weights = None if weights is None else [str(w) for w in weights]
-        if len(self.images) != len(self.masks) or (self.weights is not None and len(self.weights) != len(self.masks)):
-            raise ValueError(f"PatchSubjects: {len(self.images)} images, {len(self.masks)} masks"
-                             f"{'' if self.weights is None else f', {len(self.weights)} weight maps'}: counts must match")
-
-    def __len__(self): return len(self.masks)
-    def __getitem__(self, i) -> tio.Subject:
-        "Subject `i` as an unloaded `tio.Subject` (`s['image'].path`, `s['mask'].path`)"
-        ims = self.images[i]
-        d = dict(image=tio.ScalarImage(ims[0] if len(ims) == 1 else list(ims)), mask=tio.LabelMap(self.masks[i]))
-        if self.weights is not None: d['weight'] = tio.Image(self.weights[i], type=tio.SAMPLING_MAP)
-        return tio.Subject(d)
-    def __iter__(self): return (self[i] for i in range(len(self)))
-    def item(self, i) -> tuple: return self.images[i], self.masks[i], None if self.weights is None else self.weights[i]
-    def subset(self, idxs) -> PatchSubjects:
-        idxs = list(idxs)
-        return PatchSubjects([self.images[i] for i in idxs], [self.masks[i] for i in idxs],
-                             None if self.weights is None else [self.weights[i] for i in idxs])
-    def new_empty(self) -> PatchSubjects:
-        "No subjects (what `learn.export` keeps)"
-        return PatchSubjects([], [], None if self.weights is None else [])
-    def __repr__(self): return f"{type(self).__name__}({len(self)} subjects)"
-
-# %% ../nbs/04_data.ipynb #95c4393a
-def _channel_key(c: int) -> str: return f'channel_{c}'
-
-def _check_grid(ref: GridInfo, g: GridInfo, what: str, ref_path, path):
-    if not ref.same_grid(g, atol=1e-3):
-        raise MedicalImageError(f"{what} {path} does not share the grid of image {ref_path}: {g} vs {ref}; "
-                                "image and mask must have the same shape and affine")
-
-def _pad(t: PadToPatch, subject: tio.Subject) -> tio.Subject:
-    "Apply `t`; zero the padded border of a probability map whatever the intensity padding mode"
-    pads = t.padding_for(subject.spatial_shape)
-    subject = t(subject)
-    if 'weight' in subject and any(pads):
-        w = subject['weight'].data
-        keep = torch.zeros(w.shape[1:], dtype=torch.bool)
-        X, Y, Z = w.shape[1:]
-        keep[pads[0]:X - pads[1], pads[2]:Y - pads[3], pads[4]:Z - pads[5]] = True
-        subject['weight'].set_data(w * keep)
-    return subject
-
-def preprocess_subject(image, # image path, or a list of paths (one per channel)
-                       patch_config: PatchConfig, # gives orientation, spacing, patch size and padding
-                       pre_patch_tfms=None, # TorchIO intensity transforms applied to the whole volume (per channel)
-                       mask=None, # label-map path (checked for integer values)
-                       weight=None, # probability-map path for the 'weighted' sampler
-                       pad: bool = True, # pad to `patch_config.patch_size` (training)
-                       pad_size=None, # pad to at least this size as well (patch-size augmentation samples larger)
-                      ) -> dict:
-    "Read and preprocess a subject: dict of `image` (C,X,Y,Z) float32, `mask` (1,X,Y,Z) int, `weight`, `affine`"
-    data, grid = load_volume(image, nonfinite=patch_config.nonfinite)
-    ims = {_channel_key(c): tio.ScalarImage(tensor=data[c:c + 1], affine=grid.affine) for c in range(data.shape[0])}
-    ref_path = image[0] if isinstance(image, (list, tuple)) else image
-    if mask is not None:
-        m, mg = load_volume(mask, label=True, nonfinite=patch_config.nonfinite)
-        if m.shape[0] != 1: raise MedicalImageError(f"{mask}: expected a one-channel label map, found {m.shape[0]} channels")
-        _check_grid(grid, mg, 'mask', ref_path, mask)
-        ims['mask'] = tio.LabelMap(tensor=remap_labels(as_label_tensor(m, mask), patch_config.label_map, mask), affine=mg.affine)
-    if weight is not None:
-        w, wg = load_volume(weight, nonfinite=patch_config.nonfinite)
-        if w.shape[0] != 1: raise MedicalImageError(f"{weight}: expected a one-channel probability map, found {w.shape[0]} channels")
-        _check_grid(grid, wg, 'probability map', ref_path, weight)
-        ims['weight'] = tio.Image(tensor=w.float(), affine=wg.affine, type=tio.SAMPLING_MAP)
-    subject = tio.Subject(ims)
-    try:
-        for t in copy.deepcopy(patch_config.preprocessing(pre_patch_tfms, pad=pad).transforms):
-            t.copy = False  # the subject is ours: no defensive deep copy of the volumes at every step
-            subject = _pad(t, subject) if isinstance(t, PadToPatch) else t(subject)
-    except MedicalImageError: raise
-    except Exception as e:  # e.g. ZNormalization of an all-zero image: name the file
-        raise MedicalImageError(f"{ref_path}: preprocessing failed in {type(t).__name__} ({type(e).__name__}: {e})") from e
-    if pad_size is not None: subject = _pad(PadToPatch(pad_size, patch_config.padding_mode), subject)
-    chans = [subject[_channel_key(c)].data for c in range(data.shape[0])]
-    out = dict(image=(chans[0] if len(chans) == 1 else torch.cat(chans)).float(),
-               affine=np.array(subject[_channel_key(0)].affine, dtype=np.float64))
-    if mask is not None: out['mask'] = as_label_tensor(subject['mask'].data, mask)
-    if weight is not None: out['weight'] = subject['weight'].data.float()
-    return out
-
-# %% ../nbs/04_data.ipynb #1ddc620a
-def centre_bounds(shape, size) -> tuple:
-    "Inclusive (lo, hi) range of valid patch centres per axis"
-    return tuple((p // 2, s - p + p // 2) for s, p in zip(shape, size))
-
-def tile_starts(shape, # spatial shape of the (padded) volume, at least `size` on every axis
-                size, # patch size
-               ) -> np.ndarray:
-    "Start corners of non-overlapping patches that cover the whole volume (the last one on each axis ends at the border)"
-    return np.stack(np.meshgrid(*patch_starts(tuple(shape), tuple(size), 0), indexing='ij'), -1).reshape(-1, 3)
-
-def _labels_present(mask: torch.Tensor) -> list:
-    m = mask.numpy().ravel() if isinstance(mask, torch.Tensor) else np.asarray(mask).ravel()
-    if m.size and m.min() >= 0 and m.max() < 2**16: return np.flatnonzero(np.bincount(m.astype(np.int64, copy=False))).tolist()
-    return np.unique(m).tolist()
-
-def draw_centres(n: int, # number of centres
-                 rng: np.random.Generator, # source of randomness
-                 shape, # spatial shape of the (preprocessed, padded) volume
-                 size, # patch size
-                 sampler: str = 'uniform', # 'uniform', 'label' or 'weighted'
-                 mask=None, # (1,X,Y,Z) labels for 'label' (tensor or array)
-                 label_probabilities: dict | None = None, # {label: probability} for 'label'
-                 weight=None, # (1,X,Y,Z) probability map for 'weighted' (tensor or array)
-                 name: str = 'volume', # file named in errors
-                ) -> np.ndarray:
-    "Draw `n` patch centres, an (n, 3) int array"
-    b = centre_bounds(shape, size)
-    if any(lo > hi for lo, hi in b): raise ValueError(f"{name}: volume {tuple(shape)} is smaller than the patch {tuple(size)}")
-    lo = np.array([l for l, _ in b])
-    region = tuple(slice(l, h + 1) for l, h in b)
-    uniform = lambda: np.stack([rng.integers(l, h + 1, size=n) for l, h in b], 1)
-    if sampler == 'uniform': return uniform()
-    if sampler == 'label':  # a voxel of the drawn label anywhere, the patch shifted inside the volume
-        r = np.asarray(mask[0])
-        groups = ({1: np.flatnonzero(r > 0)} if label_probabilities is None else
-                  {k: np.flatnonzero(r == k) for k, p in label_probabilities.items() if p > 0})
-        present = [k for k, g in groups.items() if len(g)]
-        if not present: return uniform()
-        p = np.array([1.0 if label_probabilities is None else label_probabilities[k] for k in present]); p /= p.sum()
-        which = rng.choice(len(present), size=n, p=p)
-        flat = np.array([groups[present[j]][rng.integers(len(groups[present[j]]))] for j in which], dtype=np.int64)
-        return np.clip(np.stack(np.unravel_index(flat, r.shape), 1), lo, np.array([h for _, h in b]))
-    if sampler == 'weighted':
-        wr = np.asarray(weight[0][region], dtype=np.float64)
-        w = wr.ravel()
-        if not np.isfinite(w).all() or (w < 0).any(): raise MedicalImageError(f"{name}: probability map has negative or non-finite values")
-        cdf = np.cumsum(w)
-        if cdf[-1] <= 0: raise MedicalImageError(f"{name}: probability map has no positive value where a patch centre can lie")
-        flat = np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side='right'), len(w) - 1)
-        return np.stack(np.unravel_index(flat, wr.shape), 1) + lo
-    raise ValueError(f"unknown sampler {sampler!r}")
-
-# %% ../nbs/04_data.ipynb #ff221fe0
-def _walk_tfms(tfms):
-    for t in tfms:
-        yield t
-        if isinstance(t, tio.Compose): yield from _walk_tfms(t.transforms)
-
-_ANATOMICAL_AXIS = {'L': 0, 'R': 0, 'A': 1, 'P': 1, 'I': 2, 'S': 2}
-
-def flip_axes(tfms, # TorchIO transforms (e.g. a loader's `patch_tfms`)
-              apply_reorder: bool = True, # volumes are in RAS+ (anatomical axis names then map to 0, 1, 2)
-             ) -> tuple:
-    "Spatial axes (0, 1, 2) that the `RandomFlip` transforms among `tfms` can mirror: the mirror images a model has seen"
-    out = set()
-    for t in _walk_tfms(tfms or []):
-        if not isinstance(t, tio.RandomFlip) or getattr(t, 'flip_probability', 1) <= 0 or getattr(t, 'probability', 1) <= 0: continue
-        for a in t.axes:
-            if isinstance(a, str):
-                if apply_reorder and a[:1].upper() in _ANATOMICAL_AXIS: out.add(_ANATOMICAL_AXIS[a[:1].upper()])
-            elif 0 <= int(a) < 3: out.add(int(a))
-    return tuple(sorted(out))
-
-def random_transforms(tfms) -> list:
-    "The random transforms among `tfms` (including inside `Compose`)"
-    return [t for t in _walk_tfms(tfms or []) if isinstance(t, RandomTransform)]
-
-# %% ../nbs/04_data.ipynb #c6ed7c83
-def _tfm_id(t) -> dict:
-    try: return transform_to_spec(t)
-    except Exception: return dict(name=type(t).__name__, vars=repr(sorted((k, repr(v)) for k, v in vars(t).items())))
-
-def cache_key(images, mask, weight, patch_config: PatchConfig, pre_patch_tfms=None, pad_size=None) -> str:
-    "Hash of everything a preprocessed volume depends on"
-    files = [p for p in list(images) + [mask, weight] if p is not None]
-    stats = [(str(Path(p).resolve()), st.st_size, st.st_mtime_ns) for p, st in ((p, Path(p).stat()) for p in files)]
-    parts = dict(files=stats, reorder=patch_config.apply_reorder, spacing=patch_config.target_spacing,
-                 patch=patch_config.patch_size, pad=pad_size, padding_mode=patch_config.padding_mode,
-                 tfms=[_tfm_id(t) for t in pre_patch_tfms or []], nonfinite=patch_config.nonfinite,
-                 label_map=patch_config.label_map, version=2)
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-def _save_npy(path: Path, a: np.ndarray):
-    with atomic_path(path) as tmp:
-        with open(tmp, 'wb') as f: np.save(f, a, allow_pickle=False)
-
-def cached_subject(cache_dir, images, patch_config, pre_patch_tfms=None, mask=None, weight=None, pad_size=None) -> dict:
-    "`preprocess_subject` through a folder of memory-mapped `.npy` volumes (adds `labels`, the labels present)"
-    d = Path(cache_dir); key = cache_key(images, mask, weight, patch_config, pre_patch_tfms, pad_size)
-    meta = d / f'{key}.json'
-    names = ['image'] + (['mask'] if mask is not None else []) + (['weight'] if weight is not None else [])
-    if meta.exists():
-        try:
-            m = json.loads(meta.read_text())
-            v = {k: np.load(d / f'{key}_{k}.npy', mmap_mode='r', allow_pickle=False) for k in names}
-            return dict(v, affine=np.array(m['affine'], dtype=np.float64), labels=m.get('labels'))
-        except (OSError, ValueError, KeyError): pass  # a damaged entry is rebuilt
-    v = preprocess_subject(images, patch_config, pre_patch_tfms, mask=mask, weight=weight, pad_size=pad_size)
-    v['labels'] = _labels_present(v['mask']) if mask is not None else None
-    d.mkdir(parents=True, exist_ok=True)
-    for k in names: _save_npy(d / f'{key}_{k}.npy', v[k].numpy())
-    atomic_write_text(meta, json.dumps(dict(affine=v['affine'].tolist(), labels=v['labels'],
-                                            images=[str(p) for p in images], mask=None if mask is None else str(mask))))
-    return v
-
-# %% ../nbs/04_data.ipynb #72b4df53
-def _reseed(seed: int):
-    torch.random.default_generator.manual_seed(int(seed)); np.random.seed(int(seed) % 2**32); random.seed(int(seed))
-
-@contextmanager
-def seeded(seed: int):
-    "Seed torch (CPU), numpy and random for the block (TorchIO's random transforms use them); restore them after"
-    ts, ns, ps = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
-    _reseed(seed)
-    try: yield
-    finally: torch.random.set_rng_state(ts); np.random.set_state(ns); random.setstate(ps)
-
-def derive_seed(*keys) -> int:
-    "A 63-bit seed derived from non-negative integer `keys`"
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-def _crop(t: torch.Tensor, start, size) -> torch.Tensor:
-    return t[:, start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
-
-_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-def _empty(shape, dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
-    "An uninitialised tensor, allocated in shared memory when `shared` (what a worker sends is then not copied again)"
-    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if not (shared and n): return torch.empty(tuple(shape), dtype=dtype)
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(n), 0, tuple(shape))
-
-def _torch_dtype(dt) -> torch.dtype: return dt if isinstance(dt, torch.dtype) else torch.from_numpy(np.empty(0, dt)).dtype
-
-def _label_dtype(dt) -> torch.dtype:
-    "The dtype patches of labels travel in: their own, or int32 for those few torch ops support (e.g. uint16)"
-    dt = _torch_dtype(dt)
-    return dt if dt in _LABEL_DTYPES else torch.int32
-
-def _copy_into(dst: torch.Tensor, src):
-    "`dst[...] = src` (a tensor or array, cast to `dst`'s dtype) on one thread: torch's copy uses every intra-op thread, which then wait for busy cores"
-    try: dst.numpy()[...] = src.numpy() if isinstance(src, torch.Tensor) else np.asarray(src)
-    except (TypeError, RuntimeError): dst.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(np.array(src)))  # e.g. bfloat16
-
-def _copy(a, shared: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    "A contiguous copy of a tensor or (memory-mapped) array view, cast to `dtype`, in shared memory when `shared`"
-    out = _empty(tuple(a.shape), dtype or _torch_dtype(a.dtype), shared)
-    _copy_into(out, a)
-    return out
-
-def _translated(affine: np.ndarray, start) -> np.ndarray:
-    a = affine.copy(); a[:3, 3] = affine[:3, :3] @ np.asarray(start, dtype=np.float64) + affine[:3, 3]
-    return a
-
-# %% ../nbs/04_data.ipynb #059ab3fc
-class PatchSource(torch.utils.data.Dataset):
-    "Worker side: key `(subject, seed)` -> `samples_per_volume` preprocessed (and augmented) patches of a subject, or its tiles"
-    def __init__(self, subjects: PatchSubjects, # paths of the split
-                 patch_config: PatchConfig, # sampling and preprocessing settings
-                 pre_patch_tfms=None, # TorchIO transforms for whole volumes
-                 patch_tfms=None, # TorchIO transforms for each patch (applied when `augment`)
-                 sample_size=None, # size of the sampled patches (default: `patch_config.patch_size`)
-                 augment: bool = True, # apply `patch_tfms`
-                 cache_dir=None, # folder of preprocessed volumes (None: preprocess at every visit)
-                 tiles: bool = False, # cover the whole volume with non-overlapping patches instead of sampling (validation)
-                 n_classes: int | None = None, # classes the model predicts: a mask value outside [0, n_classes) is an error naming the file
-                ):
-        store_attr('subjects,patch_config,pre_patch_tfms,patch_tfms,augment,cache_dir,tiles,n_classes')
-        self.sample_size = tuple(int(s) for s in (sample_size or patch_config.patch_size))
-        self.pad_size = self.sample_size if any(s > p for s, p in zip(self.sample_size, patch_config.patch_size)) else None
-        self.tfm = tio.Compose(list(patch_tfms)) if augment and patch_tfms else None
-
-    def __len__(self): return len(self.subjects)
-
-    def __getitem__(self, key) -> dict: return self.make(key)
-
-    def make(self, key, # `(subject, seed)`
-             place=None, # `place(j, x, y, owned) -> (x, y)`: where patch `j` goes (default: `PatchSource.place`)
-            ) -> dict:
-        "The patches of subject `key[0]` drawn with seed `key[1]`, each put where `place` says"
-        i, seed = key[:2]
-        images, mask, weight = self.subjects.item(i)
-        try:
-            with seeded(seed): return self._patches(int(i), int(seed), images, mask, weight, place or self.place)
-        except MedicalImageError: raise
-        except Exception as e:
-            raise MedicalImageError(f"subject {i} (image {', '.join(images)}; mask {mask}): "
-                                    f"cannot make patches ({type(e).__name__}: {e})") from e
-
-    @staticmethod
-    def place(j: int, x, y, owned: bool) -> tuple:
-        """A patch as its own tensors (views `x`, `y` of a volume are copied; `owned` ones are kept). In a worker
-        process, in shared memory: sending them to the training process then copies nothing"""
-        shared = torch.utils.data.get_worker_info() is not None
-        if owned and not shared: return x, y
-        return _copy(x, shared), _copy(y, shared, _label_dtype(y.dtype))
-
-    def _patches(self, i, seed, images, mask, weight, place) -> dict:
-        cfg, size = self.patch_config, self.sample_size
-        if self.cache_dir is None:
-            v = preprocess_subject(list(images), cfg, self.pre_patch_tfms, mask=mask, weight=weight, pad_size=self.pad_size)
-        else: v = cached_subject(self.cache_dir, list(images), cfg, self.pre_patch_tfms, mask, weight, self.pad_size)
-        if self.n_classes is not None:
-            bad = [l for l in (v.get('labels') or _labels_present(v['mask'])) if not 0 <= l < self.n_classes]
-            if bad: raise MedicalImageError(f"{mask}: label value(s) {bad} outside [0, {self.n_classes}) for a model of "
-                                            f"{self.n_classes} classes; map them with PatchConfig(label_map={{value: class}})")
-        probs = cfg.label_probabilities
-        if cfg.sampler_type == 'label' and probs is not None and not self.tiles:
-            present = v.get('labels') or _labels_present(v['mask'])
-            missing = sorted(set(present) - set(probs) - {0})
-            if missing: raise MedicalImageError(
-                f"{mask}: contains label(s) {missing} missing from PatchConfig.label_probabilities {probs}; "
-                "add them (probability 0 never centres a patch on a label)")
-        if self.tiles: starts = tile_starts(tuple(v['image'].shape[1:]), size).tolist()
-        else:
-            centres = draw_centres(cfg.samples_per_volume, np.random.default_rng(seed), tuple(v['image'].shape[1:]), size,
-                                   cfg.sampler_type, v['mask'], probs, v.get('weight'), name=weight or mask)
-            starts = [[int(ci) - p // 2 for ci, p in zip(c, size)] for c in centres]
-        xs, ys, locs = [], [], []
-        _reseed(derive_seed(seed, 1))  # augmentation draws must not depend on what preprocessing consumed (e.g. a cache hit)
-        for j, start in enumerate(starts):
-            x, y = _crop(v['image'], start, size), _crop(v['mask'], start, size)  # views: `place` copies them
-            if self.tfm is not None:
-                x, y = self._augment(_copy(x), _copy(y, dtype=_label_dtype(y.dtype)), _translated(v['affine'], start))
-                x, y = place(j, x, y, True)
-            else: x, y = place(j, x, y, False)
-            xs.append(x); ys.append(y); locs.append(start + [s + p for s, p in zip(start, size)])
-        # one tensor per patch: the main process frees each patch as soon as it is batched
-        return dict(image=xs, mask=ys, location=torch.tensor(locs, dtype=torch.int64), subject=i, key=(i, seed))
-
-    def _augment(self, x, y, affine):
-        s = self.tfm(tio.Subject(image=tio.ScalarImage(tensor=x, affine=affine), mask=tio.LabelMap(tensor=y, affine=affine)))
-        x2, y2 = s['image'].data, s['mask'].data
-        if x2.shape != x.shape or y2.shape != y.shape:
-            raise ValueError(f"patch_tfms changed the patch shape from {tuple(x.shape)} to {tuple(x2.shape)}; "
-                             "patch transforms must keep the patch size")
-        return x2.float(), y2.round().to(y.dtype) if y2.is_floating_point() else y2.to(y.dtype)
+__all__ = ['PatchDataLoader', 'MedPatchDataLoaders', 'ReleaseWorkersCallback']
 
 # %% ../nbs/04_data.ipynb #f5783ba0
-def _centre_crop(t: torch.Tensor, size) -> torch.Tensor:
-    "Crop the last 3 axes of `t` to `size` keeping the centre voxel (index size//2) in place"
-    sl = [slice(None)] * (t.ndim - 3)
-    for n, s in zip(t.shape[-3:], size): sl.append(slice(n // 2 - s // 2, n // 2 - s // 2 + s))
-    return t[tuple(sl)]
-
-def size_choices(patch_size_range) -> list:
-    "The sizes each axis can take: `range(lo, hi, step)` per axis"
-    return [list(range(lo, hi, step)) for lo, hi, step in patch_size_range]
-
-# %% ../nbs/04_data.ipynb #f6eddbc5
-def _default_context():
-    "fork where available (cheap worker start, nothing to pickle), else the platform's default"
-    return mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else None
-
-def _n_cpus() -> int:
-    "CPUs this process may run on"
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1
-
-def _init_worker(worker_id: int, num_workers: int = 1, nice: int = 0):
-    """Worker set-up: give large freed buffers back to the OS (glibc otherwise keeps them and workers grow with each
-    volume read), share the CPUs among the workers (SimpleITK starts one thread per CPU in every process) and
-    lower their priority by `nice`, so that a busy CPU serves the training loop first"""
-    if nice and hasattr(os, 'nice'): os.nice(nice)
-    mmap_large_buffers(1 << 20)  # buffers > 1 MiB are returned to the system when freed (patchfm.runtime)
-    try:
-        import SimpleITK as sitk
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, _n_cpus() // max(1, num_workers)))
-    except (ImportError, AttributeError): pass
-
-def _shutdown(it):
-    "Stop the worker processes of a torch `DataLoader` iterator (nothing to do for an in-process iterator)"
-    if hasattr(it, '_shutdown_workers'): it._shutdown_workers()
-
-# %% ../nbs/04_data.ipynb #be946903
-_TRAIN, _VALID, _ORDER, _PICK, _SIZE, _ONE = range(6)  # seed streams
-
-def distributed_rank_world() -> tuple:
-    "`(rank, world_size)` of the initialised `torch.distributed` process group, else `(0, 1)`"
-    d = torch.distributed
-    if d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-def _check_shard(rank, world_size) -> tuple:
-    for name, v, lo in (('world_size', world_size, 1), ('rank', rank, 0)):
-        if isinstance(v, bool) or not isinstance(v, Integral) or v < lo: raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if rank >= world_size: raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    return int(rank), int(world_size)
-
-def shard_size(n: int, world_size: int = 1) -> int:
-    "Subjects each of `world_size` ranks reads per epoch: `ceil(n / world_size)` (the last ones are padded with repeats)"
-    return -(-n // world_size)
-
-def _epoch_keys(n: int, seed: int, epoch: int, train: bool, shuffle: bool, rank: int = 0, world_size: int = 1) -> list:
-    """The `(subject, seed)` keys of one epoch: a seeded permutation in training, the subjects in order for validation.
-    With `world_size > 1` a training epoch's order is cut into `world_size` strided shards and rank `rank` gets its own;
-    the order is padded with its first subjects to a multiple of `world_size`, so every rank has `shard_size` keys"""
-    if not train: return [(i, derive_seed(seed, _VALID, i)) for i in range(n)]
-    order = np.random.default_rng(derive_seed(seed, _ORDER, epoch)).permutation(n) if shuffle else np.arange(n)
-    if world_size > 1:
-        order = np.resize(order, shard_size(n, world_size) * world_size)[rank::world_size]  # np.resize repeats from the start
-    return [(int(i), derive_seed(seed, _TRAIN, epoch, i)) for i in order]
-
-class _KeySequence:
-    "The endless key sequence of a loader, epoch after epoch from `epoch` (a torch sampler; no reference to the loader)"
-    def __init__(self, n: int, seed: int, epoch: int, train: bool, shuffle: bool, rank: int = 0, world_size: int = 1):
-        if n < 1: raise ValueError(f"a key sequence needs at least one subject, got {n}")
-        store_attr()
-    def __iter__(self):
-        for e in itertools.count(self.epoch):
-            yield from _epoch_keys(self.n, self.seed, e, self.train, self.shuffle, self.rank, self.world_size)
-
-def _draw(buf, k: int, rng: np.random.Generator | None) -> list:
-    "Take `k` entries out of `buf`: at random with `rng` (buf a list), else the oldest (buf a deque)"
-    if rng is None: return [buf.popleft() for _ in range(k)]
-    idx = rng.choice(len(buf), size=k, replace=False)
-    picked = [buf[i] for i in idx]
-    for i in sorted(idx, reverse=True): buf[i] = buf[-1]; buf.pop()  # O(k) removal; the order left is seeded too
-    return picked
-
-# %% ../nbs/04_data.ipynb #0ceff11a
-def _round_up(n: int, m: int) -> int: return -(-n // m) * m
-
-class _BatchMemory:
-    """Memory for the batches of a stream, reused once the training loop has let go of a batch: no page faults
-    (on a busy VM, faulting in a fresh 96^3 batch takes longer than filling it) and no growth of the C heap.
-    A block is reused only when no tensor, view or array of it is left; at most `keep` unused blocks are kept"""
-    def __init__(self, keep: int = 2): self.blocks, self.keep, self.base = [], keep, None
-
-    def _block(self, n: int) -> mmap.mmap:
-        "An unused block of at least `n` bytes (a new one if there is none); unused blocks beyond `keep` are dropped"
-        unused = [i for i in range(len(self.blocks)) if sys.getrefcount(self.blocks[i]) == self.base]
-        pick = next((i for i in unused if len(self.blocks[i]) >= n), None)
-        if pick is None:
-            self.blocks.append(mmap.mmap(-1, max([n] + [len(b) for b in self.blocks])))
-            pick = len(self.blocks) - 1
-            self.base = sys.getrefcount(self.blocks[pick])  # the count of a block no tensor refers to
-        block, spare = self.blocks[pick], [i for i in unused if i != pick]
-        for i in sorted(spare, reverse=True)[:max(0, len(spare) - self.keep)]: del self.blocks[i]
-        return block
-
-    def tensors(self, x_shape, x_dtype: torch.dtype, y_shape) -> tuple:
-        "An uninitialised x of `x_shape` and `x_dtype` and an int64 y of `y_shape`, in one reused block"
-        nx, ny = math.prod(x_shape), math.prod(y_shape)
-        off = _round_up(nx * torch.empty((), dtype=x_dtype).element_size(), 64)
-        blk = self._block(off + ny * 8)
-        return (torch.frombuffer(blk, dtype=x_dtype, count=nx).view(x_shape),
-                torch.frombuffer(blk, dtype=torch.int64, count=ny, offset=off).view(y_shape))
-
-def _collate(picked, size, memory: _BatchMemory | None = None) -> tuple:
-    "Stack `(image, mask, ...)` patches centre-cropped to `size`: x float32 (B,C,X,Y,Z), y int64 (B,1,X,Y,Z)"
-    xs, ys = [_centre_crop(p[0], size) for p in picked], [_centre_crop(p[1], size) for p in picked]
-    xsh, ysh = (len(xs), *xs[0].shape), (len(ys), *ys[0].shape)
-    if memory is None: x, y = torch.empty(xsh, dtype=xs[0].dtype), torch.empty(ysh, dtype=torch.int64)
-    else: x, y = memory.tensors(xsh, xs[0].dtype, ysh)
-    for i in range(len(xs)): _copy_into(x[i], xs[i]); _copy_into(y[i], ys[i])  # y: converted while copied
-    return x, y
-
-# %% ../nbs/04_data.ipynb #4f2ebddd
-class _Slab:
-    """Shared memory cut into patch slots, made before the workers start (they inherit it). A worker writes the
-    patches of a key into the slots sent with the key and returns only their numbers: no file descriptor passes
-    between processes, no page is allocated or faulted in after the first round, and the training process reads
-    the patches in place. Slots are reused once their patches are batched"""
-    def __init__(self, n_slots: int, x_shape):
-        self.n_slots, self.x_shape = n_slots, tuple(int(s) for s in x_shape)
-        self.y_shape = (1, *self.x_shape[1:])
-        self.x_bytes = _round_up(math.prod(self.x_shape) * 4, 64)  # float32 image, then labels of up to 8 bytes
-        self.slot_bytes = _round_up(self.x_bytes + math.prod(self.y_shape) * 8, 4096)  # untouched bytes cost no memory
-        self.storage = torch.UntypedStorage._new_shared(n_slots * self.slot_bytes)
-        self.free = list(range(n_slots - 1, -1, -1))  # a stack: the slots in use stay few and touched, the rest cost nothing
-
-    def x(self, slot: int) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.float32).set_(self.storage, slot * self.slot_bytes // 4, self.x_shape)
-    def y(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
-        n = torch.empty((), dtype=dtype).element_size()
-        return torch.empty(0, dtype=dtype).set_(self.storage, (slot * self.slot_bytes + self.x_bytes) // n, self.y_shape)
-    def fits(self, x, y) -> bool: return tuple(x.shape) == self.x_shape and tuple(y.shape) == self.y_shape
-
-def _slab_size(subjects: PatchSubjects, sample_size) -> tuple | None:
-    "The (C, X, Y, Z) patch shape of `subjects` from the first one's headers, or None if they cannot be read"
-    try: n_ch = sum(read_header(p).n_channels for p in subjects.images[0])
-    except Exception: return None
-    return (n_ch, *sample_size)
-
-class _SlottedKeys:
-    "Keys `(subject, seed)` of `keys` with `n` free slots of `slab` each (None when too few are free): the torch sampler"
-    def __init__(self, keys, slab: _Slab, n: int): store_attr()
-    def __iter__(self):
-        free = self.slab.free
-        for k in self.keys: yield (*k, [free.pop() for _ in range(self.n)] if len(free) >= self.n else None)
-
-class _SlabSource(torch.utils.data.Dataset):
-    "What the workers of a `PatchStream` run: items of `source` whose patches go into the slab slots sent with each key"
-    def __init__(self, source: PatchSource, slab: _Slab): self.source, self.slab = source, slab
-    def __len__(self): return len(self.source)
-    def __getitem__(self, key) -> dict:
-        i, seed, slots = key
-        used = {}
-        def place(j, x, y, owned):
-            if slots is not None and j < len(slots) and self.slab.fits(x, y):
-                dt = _label_dtype(y.dtype)
-                _copy_into(self.slab.x(slots[j]), x); _copy_into(self.slab.y(slots[j], dt), y)
-                used[j] = (slots[j], dt)
-                return None, None
-            return PatchSource.place(j, x, y, owned)  # a patch of another shape travels on its own
-        item = self.source.make((i, seed), place)
-        item['slots'], item['key_slots'] = [used.get(j) for j in range(len(item['image']))], slots
-        item['location'] = item['location'].tolist()  # any tensor sent would need its own file descriptor
-        return item
-
-# %% ../nbs/04_data.ipynb #d333456a
-class PatchStream:
-    """The items of an endless key sequence, made by `num_workers` processes that live as long as the stream (or
-    in-process), and the patch buffer they fill. Closing the stream, or dropping the last reference to it, stops them"""
-    def __init__(self, source: PatchSource, # the worker side: key -> patches of a subject
-                 keys, # iterable of `(subject, seed)` keys (endless)
-                 num_workers: int = 0, # worker processes (0: items are made in-process when pulled)
-                 prefetch_factor: int = 2, # items each worker prepares ahead
-                 mp_context=None, # multiprocessing context (default: fork where available)
-                 fifo: bool = False, # buffer as a FIFO (validation) instead of a list drawn from at random
-                 buffer_size: int = 0, # patches the buffer is topped up to (sizes the shared slots; 0: no slots)
-                 worker_nice: int = 0, # added to the workers' nice value (lower priority than the training loop)
-                ):
-        self.buf, self.fifo, self.n_items, self.owner, self.busy, self.signature = deque() if fifo else [], fifo, 0, None, False, None
-        self.subjects_read = []  # subject index of every item pulled, in order
-        self.slab, self.memory = None, _BatchMemory()
-        if num_workers:
-            spv = source.patch_config.samples_per_volume
-            shape = _slab_size(source.subjects, source.sample_size) if buffer_size else None
-            if shape is not None:  # at most: a buffer one patch short of its size, the items in flight, one being received
-                self.slab = _Slab(buffer_size - 1 + (num_workers * prefetch_factor + 1) * spv, shape)
-                source, keys = _SlabSource(source, self.slab), _SlottedKeys(keys, self.slab, spv)
-            tdl = torch.utils.data.DataLoader(source, batch_size=None, sampler=keys, num_workers=num_workers,
-                                              prefetch_factor=prefetch_factor,
-                                              worker_init_fn=functools.partial(_init_worker, num_workers=num_workers, nice=worker_nice),
-                                              multiprocessing_context=mp_context or _default_context())
-            self._it = iter(tdl)  # starts the workers; they begin on the first `num_workers x prefetch_factor` keys
-        else: self._it = map(source.__getitem__, keys)
-        self._finalizer = weakref.finalize(self, _shutdown, self._it)  # at garbage collection and at exit
-
-    @property
-    def closed(self) -> bool: return not self._finalizer.alive
-
-    def pull(self):
-        "Move the patches of the next item into the buffer (waits only if the workers have not finished it yet)"
-        if self.closed: raise RuntimeError("this patch stream is closed")
-        item = next(self._it)
-        slots = item.get('slots') or [None] * len(item['image'])
-        for x, y, s in zip(item['image'], item['mask'], slots):
-            self.buf.append((x, y, None) if s is None else (self.slab.x(s[0]), self.slab.y(*s), s[0]))
-        if item.get('key_slots'):  # slots the worker did not need
-            used = {s[0] for s in slots if s is not None}
-            self.slab.free.extend(s for s in item['key_slots'] if s not in used)
-        self.n_items += 1
-        self.subjects_read.append(int(item['subject']))
-
-    def take(self, k: int, rng: np.random.Generator | None, size) -> tuple:
-        "A batch of `k` patches from the buffer (at random with `rng`, else the oldest), centre-cropped to `size`"
-        picked = _draw(self.buf, k, rng)
-        b = _collate(picked, size, self.memory)
-        self.drop(picked)
-        return b
-
-    def drop(self, entries):
-        "Forget buffer entries taken out of the buffer: their slots are free again"
-        if self.slab is not None: self.slab.free.extend(e[2] for e in entries if e[2] is not None)
-
-    def close(self):
-        "Stop the workers and drop the buffered patches"
-        self._finalizer()
-        self._it = None
-        self.buf.clear()
-        self.slab = None
-
-    def __repr__(self): return f"{type(self).__name__}({'closed' if self.closed else 'open'}, {len(self.buf)} patches buffered, {self.n_items} items pulled)"
-
-# %% ../nbs/04_data.ipynb #9eb30f02
 class PatchDataLoader(DataLoader):
     "A fastai `DataLoader` of random patches: workers load and sample subjects, a shuffle buffer makes batches"
     def __init__(self, dataset: PatchSubjects | None = None, # paths of the split
@@ -644,7 +62,7 @@ class PatchDataLoader(DataLoader):
         patch_config = PatchConfig() if patch_config is None else patch_config
         if tiles and train: raise ValueError("tiles=True is for validation loaders (train=False): training patches are sampled")
         g_rank, g_world = distributed_rank_world()
-        rank, world_size = _check_shard(g_rank if rank is None else rank, g_world if world_size is None else world_size)
+        rank, world_size = check_shard(g_rank if rank is None else rank, g_world if world_size is None else world_size)
         if not train: rank, world_size = 0, 1  # validation is not sharded: every rank scores the whole split
         n_subj = shard_size(len(dataset), world_size) if len(dataset) else 0
         n = n_tiles(dataset, patch_config) if tiles else n_subj * patch_config.samples_per_volume
@@ -692,7 +110,7 @@ class PatchDataLoader(DataLoader):
 
     def keys(self, epoch: int) -> list:
         "The `(subject, seed)` keys the workers process in `epoch`, in order"
-        return _epoch_keys(len(self.dataset), self.seed, epoch, self.train, self.shuffle, self.rank, self.world_size)
+        return epoch_keys(len(self.dataset), self.seed, epoch, self.train, self.shuffle, self.rank, self.world_size)
 
     @property
     def subjects_read(self) -> list:
@@ -705,7 +123,7 @@ class PatchDataLoader(DataLoader):
         n_batches = len(self) if n_batches is None else n_batches
         if not self.size_choices: return [tuple(self.patch_config.patch_size)] * n_batches
         if not self.shuffle: return [tuple(self.patch_config.patch_size)] * n_batches
-        rng = np.random.default_rng(derive_seed(self.seed, _SIZE, epoch))
+        rng = np.random.default_rng(derive_seed(self.seed, SeedStream.SIZE, epoch))
         return [tuple(int(c[rng.integers(len(c))]) for c in self.size_choices) for _ in range(n_batches)]
 
     def _source(self) -> PatchSource:
@@ -729,103 +147,112 @@ class PatchDataLoader(DataLoader):
         st = self.__dict__.get('_stream')
         return None if st is None or st.closed else st
 
-    def _open_stream(self, epoch: int) -> PatchStream:
-        "The loader's stream, continued, or started afresh from `epoch`'s keys"
-        st, sig = self.__dict__.get('_stream'), self._signature()
-        if st is not None and (st.closed or st.signature != sig or (st.fifo and st.busy)):
-            self.release(); st = None  # settings changed, or a FIFO left mid-epoch by an abandoned iteration
-        if st is None:
-            keys = _KeySequence(len(self.dataset), self.seed, epoch, self.train, self.shuffle, self.rank, self.world_size)
-            st = PatchStream(self._source(), keys, self.num_workers_, self.prefetch_factor, self.mp_context,
-                             fifo=not self.shuffle, buffer_size=max(self._queue_length(), self.bs), worker_nice=self.worker_nice)
-            st.signature = sig
-            self._stream = st
-        return st
-
-    def _epoch_batches(self, st: PatchStream, token, epoch: int, n_batches: int):
-        "The CPU batches of one epoch taken from `st` (its buffer carries over to the next epoch)"
-        ql, n = self._queue_length(), self.n
-        pick = np.random.default_rng(derive_seed(self.seed, _PICK, epoch)) if self.shuffle else None
-        taken = 0
-        for size in self.batch_sizes(epoch, n_batches):
-            if st.owner is not token or st.closed:
-                raise RuntimeError("this iteration was superseded by a newer iteration of the same loader (or the loader "
-                                   "was released): a PatchDataLoader has one stream of patches")
-            k = min(self.bs, n - taken)  # the last batch may be incomplete (drop_last=False)
-            while len(st.buf) < max(ql, k): st.pull()  # top up from the prefetched worker output
-            b = st.take(k, pick, size)
-            taken += k
-            yield b
-            del b  # the training loop owns the batch now; its memory is reused once the loop lets go of it
-        if st.fifo:  # realign a FIFO with the epochs: drop the patches an incomplete last batch left out
-            for _ in range(n - taken):
-                if not st.buf: st.pull()
-                st.drop([st.buf.popleft()])
-
-    def __iter__(self):
-        self.before_iter()
-        epoch, n_batches = self.epoch, len(self)
-        if self.train: self.epoch += 1
-        if n_batches:
-            st = self._open_stream(epoch)
-            token = st.owner = object()
-            st.busy, complete, failed = True, False, False
-            try:
-                for b in self._epoch_batches(st, token, epoch, n_batches):
-                    yield self.after_batch(to_device(b, self.device))
-                complete = True
-            except GeneratorExit: raise  # abandoned (e.g. `next(iter(dl))`, a cancelled epoch): not a failure
-            except BaseException: failed = True; raise
-            finally:
-                if st.owner is token:
-                    st.busy = not complete
-                    # a failed stream, a non-persistent one, or a FIFO left mid-epoch is not continued
-                    if (failed or not self.persistent or not (complete or self.shuffle)) and self.__dict__.get('_stream') is st:
-                        self.release()
-        self.after_iter()
-
-    def release(self):
-        "Stop the worker processes and free the buffered patches (the next iteration starts them again)"
-        st = self.__dict__.pop('_stream', None)
-        if st is not None:
-            self._read = self._read + st.subjects_read
-            st.close()
-        release_cached_memory(always=True)
-
-    def one_batch(self):
-        "One batch, made in-process from the first subjects of a fixed draw (quick; for `show_batch` and checks)"
-        if len(self) == 0: raise ValueError("This DataLoader does not contain any batches (no subject in this split)")
-        spv, src, buf = self.patch_config.samples_per_volume, self._source(), [] if self.shuffle else deque()
-        for key in self.keys(0)[:math.ceil(self.bs / spv)]:
-            item = src[key]; buf.extend(zip(item['image'], item['mask']))
-        picked = _draw(buf, min(self.bs, len(buf)), np.random.default_rng(derive_seed(self.seed, _ONE)) if self.shuffle else None)
-        return self.after_batch(to_device(_collate(picked, self.batch_sizes(0, 1)[0]), self.device))
-
     def to(self, device):
         self.device = device
         return self
-
-    def show_batch(self, b=None, # a batch (default: `one_batch()`)
-                   max_n: int = 4, # patches shown (one row each)
-                   show: bool = True, # draw (False: return the figure without showing)
-                   **kwargs): # passed to `show_patches`
-        "Three planes through the centre of each patch: image (channel 0) with the mask overlaid"
-        from patchfm.plot import show_patches  # plotting is the top layer: imported when used
-        if b is None: b = self.one_batch()
-        return show_patches(b[0], b[1], max_n=max_n, spacing=self.patch_config.target_spacing, show=show, **kwargs)
-
-    def show_results(self, b, out, max_n: int = 4, show: bool = True, **kwargs):
-        "Like `show_batch`, with the prediction (argmax over channels, or > 0 for one channel) beside the target"
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        out = torch.as_tensor(out).detach().cpu()
-        pred = (out > 0).long() if out.shape[1] == 1 else out.argmax(1, keepdim=True)
-        from patchfm.plot import show_patches
-        return show_patches(b[0], b[1], pred, max_n=max_n, spacing=self.patch_config.target_spacing, show=show, **kwargs)
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d.pop('_stream', None)  # workers and buffered patches belong to this process
         return d
+
+# %% ../nbs/04_data.ipynb #f6eddbc5
+@patch
+def _open_stream(self: PatchDataLoader, epoch: int) -> PatchStream:
+    "The loader's stream, continued, or started afresh from `epoch`'s keys"
+    st, sig = self.__dict__.get('_stream'), self._signature()
+    if st is not None and (st.closed or st.signature != sig or (st.fifo and st.busy)):
+        self.release(); st = None  # settings changed, or a FIFO left mid-epoch by an abandoned iteration
+    if st is None:
+        keys = KeySequence(len(self.dataset), self.seed, epoch, self.train, self.shuffle, self.rank, self.world_size)
+        st = PatchStream(self._source(), keys, self.num_workers_, self.prefetch_factor, self.mp_context,
+                         fifo=not self.shuffle, buffer_size=max(self._queue_length(), self.bs), worker_nice=self.worker_nice)
+        st.signature = sig
+        self._stream = st
+    return st
+
+@patch
+def _epoch_batches(self: PatchDataLoader, st: PatchStream, token, epoch: int, n_batches: int):
+    "The CPU batches of one epoch taken from `st` (its buffer carries over to the next epoch)"
+    ql, n = self._queue_length(), self.n
+    pick = np.random.default_rng(derive_seed(self.seed, SeedStream.PICK, epoch)) if self.shuffle else None
+    taken = 0
+    for size in self.batch_sizes(epoch, n_batches):
+        if st.owner is not token or st.closed:
+            raise RuntimeError("this iteration was superseded by a newer iteration of the same loader (or the loader "
+                               "was released): a PatchDataLoader has one stream of patches")
+        k = min(self.bs, n - taken)  # the last batch may be incomplete (drop_last=False)
+        while len(st.buf) < max(ql, k): st.pull()  # top up from the prefetched worker output
+        b = st.take(k, pick, size)
+        taken += k
+        yield b
+        del b  # the training loop owns the batch now; its memory is reused once the loop lets go of it
+    if st.fifo:  # realign a FIFO with the epochs: drop the patches an incomplete last batch left out
+        for _ in range(n - taken):
+            if not st.buf: st.pull()
+            st.drop([st.buf.popleft()])
+
+@patch
+def __iter__(self: PatchDataLoader):
+    self.before_iter()
+    epoch, n_batches = self.epoch, len(self)
+    if self.train: self.epoch += 1
+    if n_batches:
+        st = self._open_stream(epoch)
+        token = st.owner = object()
+        st.busy, complete, failed = True, False, False
+        try:
+            for b in self._epoch_batches(st, token, epoch, n_batches):
+                yield self.after_batch(to_device(b, self.device))
+            complete = True
+        except GeneratorExit: raise  # abandoned (e.g. `next(iter(dl))`, a cancelled epoch): not a failure
+        except BaseException: failed = True; raise
+        finally:
+            if st.owner is token:
+                st.busy = not complete
+                # a failed stream, a non-persistent one, or a FIFO left mid-epoch is not continued
+                if (failed or not self.persistent or not (complete or self.shuffle)) and self.__dict__.get('_stream') is st:
+                    self.release()
+    self.after_iter()
+
+@patch
+def release(self: PatchDataLoader):
+    "Stop the worker processes and free the buffered patches (the next iteration starts them again)"
+    st = self.__dict__.pop('_stream', None)
+    if st is not None:
+        self._read = self._read + st.subjects_read
+        st.close()
+    release_cached_memory(always=True)
+
+# %% ../nbs/04_data.ipynb #be946903
+@patch
+def one_batch(self: PatchDataLoader):
+    "One batch, made in-process from the first subjects of a fixed draw (quick; for `show_batch` and checks)"
+    if len(self) == 0: raise ValueError("This DataLoader does not contain any batches (no subject in this split)")
+    spv, src, buf = self.patch_config.samples_per_volume, self._source(), [] if self.shuffle else deque()
+    for key in self.keys(0)[:math.ceil(self.bs / spv)]:
+        item = src[key]; buf.extend(zip(item['image'], item['mask']))
+    picked = draw_patches(buf, min(self.bs, len(buf)), np.random.default_rng(derive_seed(self.seed, SeedStream.ONE)) if self.shuffle else None)
+    return self.after_batch(to_device(collate_patches(picked, self.batch_sizes(0, 1)[0]), self.device))
+
+@patch
+def show_batch(self: PatchDataLoader, b=None, # a batch (default: `one_batch()`)
+               max_n: int = 4, # patches shown (one row each)
+               show: bool = True, # draw (False: return the figure without showing)
+               **kwargs): # passed to `show_patches`
+    "Three planes through the centre of each patch: image (channel 0) with the mask overlaid"
+    from patchfm.plot import show_patches  # plotting is the top layer: imported when used
+    if b is None: b = self.one_batch()
+    return show_patches(b[0], b[1], max_n=max_n, spacing=self.patch_config.target_spacing, show=show, **kwargs)
+
+@patch
+def show_results(self: PatchDataLoader, b, out, max_n: int = 4, show: bool = True, **kwargs):
+    "Like `show_batch`, with the prediction (argmax over channels, or > 0 for one channel) beside the target"
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    out = torch.as_tensor(out).detach().cpu()
+    pred = (out > 0).long() if out.shape[1] == 1 else out.argmax(1, keepdim=True)
+    from patchfm.plot import show_patches
+    return show_patches(b[0], b[1], pred, max_n=max_n, spacing=self.patch_config.target_spacing, show=show, **kwargs)
 
 # %% ../nbs/04_data.ipynb #255dbcd6
 def _as_paths(v, col: str, row) -> tuple:
@@ -848,67 +275,6 @@ def _as_tfms(tfms, name: str) -> list:
         out.append(t)
     return out
 
-def _check_subject(images, mask, weight) -> tuple:
-    "Headers of one subject; raises if a file is missing or grids differ. Returns (grid, n_channels)"
-    g = read_header(images[0])
-    n_ch = g.n_channels
-    for p in images[1:]:
-        h = read_header(p)
-        _check_grid(g, h, 'channel file', images[0], p)
-        n_ch += h.n_channels
-    m = read_header(mask)
-    _check_grid(g, m, 'mask', images[0], mask)
-    if m.n_channels != 1: raise MedicalImageError(f"{mask}: expected a one-channel label map, found {m.n_channels} channels")
-    if weight is not None: _check_grid(g, read_header(weight), 'probability map', images[0], weight)
-    return g, n_ch
-
-# %% ../nbs/04_data.ipynb #86fd394e
-def n_tiles(subjects: PatchSubjects, # the subjects of a split
-            patch_config: PatchConfig, # gives orientation, spacing and patch size
-           ) -> int:
-    "Number of non-overlapping patches that tile every subject after preprocessing and padding (from the headers)"
-    total = 0
-    for ims in subjects.images:
-        shape = [max(s, p) for s, p in zip(pipeline_grid(read_header(ims[0]), patch_config.apply_reorder, patch_config.target_spacing)[0], patch_config.patch_size)]
-        total += len(tile_starts(shape, patch_config.patch_size))
-    return total
-
-def check_subjects(subjects: PatchSubjects, # all subjects
-                   patch_config: PatchConfig, # for the size check
-                   max_workers: int = 8, # threads reading headers
-                  ) -> list:
-    "Read every header (no voxels): files exist, grids match, channel counts agree; warns when the patch exceeds every image"
-    with ThreadPoolExecutor(max_workers) as ex:
-        res = list(ex.map(lambda i: _check_subject(*subjects.item(i)), range(len(subjects))))
-    chans = [c for _, c in res]
-    if len(set(chans)) > 1:
-        i = next(k for k, c in enumerate(chans) if c != chans[0])
-        raise MedicalImageError(f"{', '.join(subjects.images[i])}: {chans[i]} channel(s), but "
-                                f"{', '.join(subjects.images[0])} has {chans[0]}; every subject needs the same channels")
-    if res:
-        shapes = np.array([pipeline_grid(g, patch_config.apply_reorder, patch_config.target_spacing)[0] for g, _ in res])
-        big = [a for a in range(3) if (shapes[:, a] < patch_config.patch_size[a]).all()]
-        if big: warnings.warn(f"patch_size {patch_config.patch_size} is larger than every image along axis "
-                              f"{big} (largest {shapes.max(0).tolist()} after resampling): patches will be padded "
-                              f"with padding_mode={patch_config.padding_mode!r}", UserWarning, stacklevel=3)
-    return [g for g, _ in res]
-
-# %% ../nbs/04_data.ipynb #874bbffe
-def split_subjects(n: int, # number of subjects
-                   valid_pct: float = 0.2, # fraction for validation
-                   seed: int | None = None, # seed of the split
-                   valid: np.ndarray | None = None, # boolean per subject (overrides `valid_pct`)
-                  ) -> tuple:
-    "Train and validation indices: `valid` as given, else a seeded random `valid_pct` (at least one validation case)"
-    if valid is not None: v = np.asarray(valid, dtype=bool)
-    else:
-        if isinstance(valid_pct, bool) or not isinstance(valid_pct, Real) or not 0 <= valid_pct < 1:
-            raise ValueError(f"valid_pct must be a number in [0, 1), got {valid_pct!r}")
-        n_valid = 0 if valid_pct == 0 or n < 2 else min(n - 1, max(1, int(round(n * valid_pct))))
-        if valid_pct > 0 and n < 2: warnings.warn(f"valid_pct={valid_pct} with {n} subject: no validation split", UserWarning, stacklevel=3)
-        v = np.zeros(n, dtype=bool)
-        v[np.random.default_rng(seed).permutation(n)[:n_valid]] = True
-    return np.flatnonzero(~v).tolist(), np.flatnonzero(v).tolist()
 
 def _valid_flags(df: pd.DataFrame, col: str) -> np.ndarray:
     s = df[col]

@@ -17,7 +17,7 @@ from fastcore.basics import store_attr
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 
-from .data import distributed_rank_world
+from .runtime import distributed_rank_world
 from .models import unwrap_model
 
 # %% auto #0

@@ -22,9 +22,9 @@ from threadpoolctl import threadpool_limits
 
 from .core import (TEMP_MARK, GridInfo, MedMask, MedicalImageError, case_name, check_payload, is_exact_regrid,
                           read_header, remove_stale_temps, restore_to_original, write_nifti)
-from .data import distributed_rank_world, flip_axes, preprocess_subject
+from .preprocess import flip_axes, preprocess_subject
 from .config import PatchConfig
-from .runtime import cpu_heap_cache, release_cached_memory
+from .runtime import cpu_heap_cache, distributed_rank_world, release_cached_memory
 from .grid import PatchAggregator, crop_padding, extract_patches, pad_to_patch, patch_grid, probs_to_labels
 from .models import learner_model, model_forward, unwrap_model
 

@@ -25,7 +25,7 @@ from .config import PatchConfig, atomic_write_text, read_json, string_arguments,
 from .grid import probs_to_labels
 from .losses import default_loss
 from .metrics import AccumulatedDice
-from .data import preprocess_subject
+from .preprocess import preprocess_subject
 from .inference import default_activation, predict_volume
 from .runtime import cpu_heap_cache, library_versions
 from .models import unwrap_model

@@ -20,7 +20,7 @@ from fastai.learner import Learner
 
 from .config import PatchConfig
 from .core import MedMask, case_name, read_header
-from .data import size_choices
+from .sampling import size_choices
 from .inference import patch_inference
 from .learner import patch_learner
 from .metrics import calculate_dsc

@@ -24,7 +24,8 @@ from fastcore.basics import store_attr
 from .config import PatchConfig
 from .core import overlap_in_voxels
 from .dataset import pipeline_grid
-from .data import PatchDataLoader, PatchSubjects, check_subjects
+from .data import PatchDataLoader
+from .subjects import PatchSubjects, check_subjects
 from .learner import SavedModel
 from .models import learner_model
 

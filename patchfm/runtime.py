@@ -13,7 +13,7 @@ from fastai.callback.core import Callback
 
 # %% auto #0
 __all__ = ['heap_cache_available', 'cpu_heap_cache', 'release_cached_memory', 'mmap_large_buffers', 'library_versions',
-           'HeapCacheCallback']
+           'distributed_rank_world', 'HeapCacheCallback']
 
 # %% ../nbs/00a_runtime.ipynb #7905240e
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt parameter numbers (malloc.h)
@@ -98,6 +98,13 @@ def library_versions(packages=('torch', 'fastai', 'monai', 'torchio'), # modules
         try: out[pkg] = str(importlib.import_module(pkg).__version__)
         except (ImportError, AttributeError): pass
     return out
+
+# %% ../nbs/00a_runtime.ipynb #fa8d80c5
+def distributed_rank_world() -> tuple:
+    "`(rank, world_size)` of the initialised `torch.distributed` process group, else `(0, 1)`"
+    import torch.distributed as d
+    if d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
+    return 0, 1
 
 # %% ../nbs/00a_runtime.ipynb #58da66f9
 class HeapCacheCallback(Callback):

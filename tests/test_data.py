@@ -15,9 +15,12 @@ import fastai.callback.schedule  # Learner.lr_find
 
 from patchfm.config import PatchConfig
 from patchfm.core import MedicalImageError, write_nifti
-import patchfm.data as pdata
-from patchfm.data import (MedPatchDataLoaders, PatchDataLoader, PatchSource, PatchSubjects, draw_centres,
-                          preprocess_subject, split_subjects)
+import patchfm.data as pdata, patchfm.preprocess as ppre, patchfm.stream as pstream
+from patchfm.data import MedPatchDataLoaders, PatchDataLoader
+from patchfm.stream import PatchSource
+from patchfm.subjects import PatchSubjects, split_subjects
+from patchfm.sampling import draw_centres
+from patchfm.preprocess import preprocess_subject
 
 SHAPE = (32, 32, 24)
 
@@ -72,8 +75,8 @@ def test_batch_dtypes_shapes_device(cases):
 
 def test_lazy_creation_reads_no_voxels(cases, monkeypatch):
     calls = []
-    real = pdata.load_volume
-    monkeypatch.setattr(pdata, 'load_volume', lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = ppre.load_volume
+    monkeypatch.setattr(ppre, 'load_volume', lambda *a, **k: calls.append(a) or real(*a, **k))
     dls = dls_for(cases)
     assert calls == []
     next(iter(dls.train))
@@ -270,7 +273,7 @@ def test_shared_slots_account_for_every_patch(cases, monkeypatch):
         assert len(slab.free) + len(buffered) + in_flight == slab.n_slots and not set(slab.free) & set(buffered)
     assert dl.stream.n_items > slab.n_slots // cfg.samples_per_volume  # slots were reused
     assert same(ref, got)
-    monkeypatch.setattr(pdata, '_slab_size', lambda subjects, size: (3, *size))  # slots for 3 channels: nothing fits
+    monkeypatch.setattr(pstream, '_slab_size', lambda subjects, size: (3, *size))  # slots for 3 channels: nothing fits
     fb = dls_for(cases, cfg, num_workers=2, seed=1).train
     got = [b for _ in range(3) for b in fb]
     assert same(ref, got) and all(e[2] is None for e in fb.stream.buf)
@@ -489,13 +492,13 @@ def test_cache_gives_the_same_batches(cases, tmp_path):
 
 def test_cache_key_follows_files_and_settings(tmp_path):
     img, seg = make_case(tmp_path, 'k')
-    k = pdata.cache_key([img], seg, None, CFG, [tio.ZNormalization()])
-    assert k == pdata.cache_key([img], seg, None, CFG, [tio.ZNormalization()])
-    assert k != pdata.cache_key([img], seg, None, CFG, [tio.ZNormalization(masking_method='mask')])
-    assert k != pdata.cache_key([img], seg, None, CFG.replace(target_spacing=(2, 2, 2)), [tio.ZNormalization()])
+    k = ppre.cache_key([img], seg, None, CFG, [tio.ZNormalization()])
+    assert k == ppre.cache_key([img], seg, None, CFG, [tio.ZNormalization()])
+    assert k != ppre.cache_key([img], seg, None, CFG, [tio.ZNormalization(masking_method='mask')])
+    assert k != ppre.cache_key([img], seg, None, CFG.replace(target_spacing=(2, 2, 2)), [tio.ZNormalization()])
     write_nifti(np.ones(SHAPE, np.float32), np.eye(4), img)
     import os; os.utime(img, ns=(1, 1))
-    assert k != pdata.cache_key([img], seg, None, CFG, [tio.ZNormalization()])
+    assert k != ppre.cache_key([img], seg, None, CFG, [tio.ZNormalization()])
 
 def test_cache_refuses_random_pre_patch_tfms(cases, tmp_path):
     with pytest.raises(ValueError, match='RandomNoise'):

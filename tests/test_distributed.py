@@ -3,7 +3,9 @@ import json, os, socket, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np, nibabel as nib, pandas as pd, pytest, torch
 from patchfm.config import PatchConfig
-from patchfm.data import PatchDataLoader, PatchSubjects, _epoch_keys, shard_size
+from patchfm.data import PatchDataLoader
+from patchfm.subjects import PatchSubjects
+from patchfm.stream import epoch_keys as _epoch_keys, shard_size
 from patchfm.inference import patch_inference, file_part, default_part
 from patchfm.cli import main
 

@@ -87,7 +87,7 @@ def test_patch_learner_fit_and_sliding_window_dice(demo_dls, tmp_path):
     assert 0 <= sw <= 1  # a real Dice over whole validation volumes
     assert (tmp_path / 'models' / 'best.pth').exists()
     # the metric equals a direct full-volume computation with the same engine
-    from patchfm.data import preprocess_subject
+    from patchfm.preprocess import preprocess_subject
     from patchfm.inference import predict_volume, default_activation
     from patchfm.grid import probs_to_labels
     cfg = demo_dls.patch_config

@@ -8,7 +8,8 @@ from matplotlib.figure import Figure
 
 from patchfm.config import PatchConfig
 from patchfm.core import MedMask
-from patchfm.data import MedPatchDataLoaders, size_choices
+from patchfm.data import MedPatchDataLoaders
+from patchfm.sampling import size_choices
 from patchfm.demo import make_demo_dataset, DEMO_CLASSES
 from patchfm.inference import patch_inference
 from patchfm.metrics import multiclass_metrics

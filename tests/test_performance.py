@@ -18,7 +18,8 @@ from fastai.torch_core import set_seed
 
 from patchfm.config import PatchConfig
 from patchfm.core import write_nifti
-from patchfm.data import MedPatchDataLoaders, PatchSubjects
+from patchfm.data import MedPatchDataLoaders
+from patchfm.subjects import PatchSubjects
 from patchfm.learner import SavedModel
 from patchfm.performance import (
     MEASURES, NoPatchesSeenError, OverlapSuggestion, PatchPerformance, PatchPerformanceCallback,

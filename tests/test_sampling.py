@@ -10,8 +10,10 @@ import torchio as tio
 
 from patchfm.config import PatchConfig
 from patchfm.core import write_nifti
-from patchfm.data import (MedPatchDataLoaders, PatchDataLoader, PatchSubjects, draw_centres, flip_axes, n_tiles,
-                          tile_starts)
+from patchfm.data import MedPatchDataLoaders, PatchDataLoader
+from patchfm.subjects import PatchSubjects, n_tiles
+from patchfm.sampling import draw_centres, tile_starts
+from patchfm.preprocess import flip_axes
 from patchfm.metrics import AccumulatedDice
 
 SHAPE = (32, 32, 32)
