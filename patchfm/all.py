@@ -29,6 +29,7 @@ from .metrics import *
 from .models import *
 from .inference import *
 from .patchsize import *
+from .serialisation import *
 from .learner import *
 from .performance import *
 from .tracking import *
@@ -38,12 +39,13 @@ from .demo import *
 # %% ../nbs/99_all.ipynb #12fde72f
 import patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.preprocess, patchfm.sampling
 import patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses, patchfm.metrics
-import patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.learner, patchfm.performance, patchfm.tracking, patchfm.plot, patchfm.demo
+import patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.serialisation, patchfm.learner
+import patchfm.performance, patchfm.tracking, patchfm.plot, patchfm.demo
 __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'ToCanonical', 'CropOrPad', 'RandomAffine',
            'RandomElasticDeformation', 'RandomFlip', 'RandomGamma', 'RandomBiasField', 'RandomBlur', 'RandomNoise',
            'RandomMotion', 'RandomGhosting', 'RandomSpike', 'RandomAnisotropy', 'OneOf'] + [n for m in (patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid,
                                  patchfm.preprocess, patchfm.sampling, patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses,
-                                 patchfm.metrics, patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.learner, patchfm.performance,
+                                 patchfm.metrics, patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.serialisation, patchfm.learner, patchfm.performance,
                                  patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]
 import fastai.basics, fastai.callback.all
 __all__ += [n for n in dir(fastai.basics) if not n.startswith('_')] + [n for n in dir(fastai.callback.all) if not n.startswith('_')]

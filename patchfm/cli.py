@@ -96,7 +96,8 @@ def train_and_evaluate(train_df, test_df, cfg, out: Path, img_col='image', label
     import torch, torchio as tio
     from fastai.callback.progress import ProgressCallback
     from patchfm.data import MedPatchDataLoaders
-    from patchfm.learner import patch_learner, save_model
+    from patchfm.learner import patch_learner
+    from patchfm.serialisation import save_model
     from patchfm.inference import patch_inference
     from patchfm.metrics import evaluate
     n_classes = max(cfg.label_probabilities) + 1 if cfg.label_probabilities else 2
@@ -195,7 +196,7 @@ def cmd_analyze(args) -> int:
 
 def cmd_predict(args) -> int:
     "Run a model saved by `save_model` on new files"
-    from patchfm.learner import load_model
+    from patchfm.serialisation import load_model
     from patchfm.inference import patch_inference
     import torch
     if (args.num_parts is None) != (args.part_id is None): raise CLIError("--num-parts and --part-id go together")
@@ -283,7 +284,8 @@ def cmd_train(args) -> int:
     from fastai.callback.progress import ProgressCallback
     from patchfm.config import PatchConfig, atomic_write_text
     from patchfm.data import MedPatchDataLoaders
-    from patchfm.learner import patch_learner, save_model
+    from patchfm.learner import patch_learner
+    from patchfm.serialisation import save_model
     from patchfm.distributed import (init_distributed, cleanup_distributed, distribute, all_gather_json, barrier,
                                      weights_digest)
     args.stage = 'setup'  # errors every rank meets alike: printed by rank 0 only

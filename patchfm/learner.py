@@ -1,5 +1,5 @@
-"""`save_model` / `load_model`: weights as safetensors plus the PatchConfig, the preprocessing and the model
-description as JSON, so a trained model can be deployed without unpickling anything.
+"""`patch_learner` (a fastai `Learner` with patch-segmentation defaults in one call), `default_unet` and
+`SlidingWindowDice`, the full-volume validation metric that predicts with the inference engine.
 
 Docs: https://patchfm.github.io/patchfm/learner.html.md"""
 
@@ -7,174 +7,23 @@ Docs: https://patchfm.github.io/patchfm/learner.html.md"""
 
 # %% ../nbs/09_learner.ipynb #20bdb41e
 from __future__ import annotations
-import importlib, inspect, json, re
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from safetensors import SafetensorError
-
 from fastai.learner import Learner, Metric
 import fastai.callback.all  # noqa: F401 (adds fit_one_cycle, lr_find, SaveModelCallback... to Learner)
 from fastcore.basics import store_attr
+from fastcore.meta import delegates
 
-from .core import atomic_path
-from .config import PatchConfig, atomic_write_text, read_json, string_arguments, transform_from_spec, transform_to_spec
 from .grid import probs_to_labels
 from .losses import default_loss
-from .metrics import AccumulatedDice
+from .metrics import AccumulatedDice, confusion_matrix, dice_from_confusion
 from .preprocess import preprocess_subject
 from .inference import default_activation, predict_volume
-from .runtime import cpu_heap_cache, library_versions
+from .runtime import cpu_heap_cache
 from .models import unwrap_model
 
 # %% auto #0
-__all__ = ['ALLOWED_MODEL_PACKAGES', 'model_spec', 'build_model', 'save_model', 'SavedModel', 'load_model', 'SlidingWindowDice',
-           'default_unet', 'patch_learner']
-
-# %% ../nbs/09_learner.ipynb #e1279c5a
-ALLOWED_MODEL_PACKAGES = ('monai.networks.nets', 'patchfm.models', 'torch.nn')
-_ALIASES = {'spatial_dims': ('dimensions', 'spatial_dims', 'dims')}
-
-def _jsonable(v, what):
-    if isinstance(v, (list, tuple)): return [_jsonable(x, what) for x in v]
-    if isinstance(v, dict): return {str(k): _jsonable(x, what) for k, x in v.items()}
-    if v is None or isinstance(v, (bool, int, float, str)): return v
-    raise TypeError(f"{what}: {v!r} ({type(v).__name__}) cannot be stored as JSON; pass model_kwargs= to save_model")
-
-def model_spec(model: torch.nn.Module, model_kwargs: dict | None = None) -> dict:
-    "Class path and constructor arguments that rebuild `model` (from `init_kwargs`, attributes, or `model_kwargs`)"
-    model = unwrap_model(model)  # DataParallel / DDP / torch.compile
-    cls = type(model)
-    path = f"{cls.__module__}.{cls.__qualname__}"
-    if model_kwargs is None: model_kwargs = getattr(model, 'init_kwargs', None)
-    if model_kwargs is None:
-        model_kwargs = {}
-        for name, p in inspect.signature(cls.__init__).parameters.items():
-            if name == 'self' or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD): continue
-            for attr in _ALIASES.get(name, (name,)):
-                if hasattr(model, attr) and not isinstance(getattr(model, attr), (torch.nn.Module, torch.Tensor)):
-                    model_kwargs[name] = getattr(model, attr); break
-            else:
-                if p.default is inspect.Parameter.empty:
-                    raise ValueError(f"{path}: cannot find constructor argument {name!r} on the model; pass model_kwargs= to save_model")
-    return dict(model_class=path, model_kwargs=_jsonable(dict(model_kwargs), path))
-
-# constructor arguments that fetch weights or read files (MONAI's `pretrained=True` downloads): refused unless trusted
-_RISKY_KWARG = re.compile(r'pretrain|url|download|hub|ckpt|checkpoint_path|weights?$|weights_path|(^|_)(path|file|dir|root)$|cache', re.I)
-
-def _risky_kwargs(kwargs: dict) -> list:
-    "Constructor arguments that could fetch from the network or read a file"
-    out = []
-    for k, v in kwargs.items():
-        if _RISKY_KWARG.search(str(k)) and v not in (None, False, '', 0): out.append(f"{k}={v!r}")
-        else: out += [f"{kk}={sv!r}" for kk, sv in string_arguments({k: v}) if re.search(r'^[a-z][a-z0-9+.-]*://', sv, re.I)]
-    return out
-
-@contextmanager
-def _no_unsafe_loading():
-    "While a model is built: `torch.load` only with weights_only=True, and no downloads through torch.hub"
-    import torch.hub as hub
-    orig = torch.load, hub.load_state_dict_from_url, hub.download_url_to_file
-    def safe_load(*a, **k): k['weights_only'] = True; return orig[0](*a, **k)
-    def no_download(url, *a, **k): raise PermissionError(f"patchfm.load_model: building the model tried to download {url}; refused")
-    torch.load, hub.load_state_dict_from_url, hub.download_url_to_file = safe_load, no_download, no_download
-    try: yield
-    finally: torch.load, hub.load_state_dict_from_url, hub.download_url_to_file = orig
-
-def build_model(spec: dict, # `model_spec` output (e.g. read from model.json)
-                trusted: bool = False, # allow constructor arguments that fetch weights or read files (`pretrained=True`, paths, URLs)
-               ) -> torch.nn.Module:
-    "Rebuild a model from `model_spec` output; only classes from `ALLOWED_MODEL_PACKAGES` are constructed"
-    path = spec['model_class']
-    mod_name, _, cls_name = path.rpartition('.')
-    if not any(mod_name == p or mod_name.startswith(p + '.') for p in ALLOWED_MODEL_PACKAGES):
-        raise ValueError(f"model class {path!r} is not in the allowed packages {ALLOWED_MODEL_PACKAGES}")
-    cls = getattr(importlib.import_module(mod_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)): raise ValueError(f"{path!r} is not a torch module class")
-    kwargs = spec.get('model_kwargs', {})
-    if not isinstance(kwargs, dict): raise ValueError(f"model_kwargs of {path!r} must be a JSON object, got {type(kwargs).__name__}")
-    risky = [] if trusted else _risky_kwargs(kwargs)
-    if risky: raise ValueError(f"{path}: model_kwargs {', '.join(risky)} would fetch weights or read files while building the "
-                               f"model; refused (pass trusted=True if you trust this model folder)")
-    with _no_unsafe_loading(): return cls(**kwargs)
-
-# %% ../nbs/09_learner.ipynb #e003df10
-def save_model(learn, # fastai Learner (or a torch module)
-               path, # folder to write
-               config: PatchConfig | None = None, # default: the loaders' `patch_config`
-               pre_patch_tfms=None, # default: the loaders' `pre_patch_tfms`
-               model_kwargs: dict | None = None, # constructor arguments when they cannot be read off the model
-               extra: dict | None = None, # anything JSON-able to keep alongside (e.g. class names)
-              ) -> Path:
-    "Write weights (safetensors), PatchConfig and model description (JSON) to the folder `path`"
-    model = learn if isinstance(learn, torch.nn.Module) else learn.model
-    dls = getattr(learn, 'dls', None)
-    config = config or getattr(dls, 'patch_config', None)
-    if config is None: raise ValueError("save_model needs a PatchConfig: pass config= (the loaders carry none)")
-    if pre_patch_tfms is None: pre_patch_tfms = getattr(dls, 'pre_patch_tfms', None) or []
-    spec = model_spec(model, model_kwargs)
-    p = Path(path); p.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
-    with atomic_path(p / 'model.safetensors') as tmp: save_file(state, str(tmp))
-    config.save(p / 'config.json')
-    desc = dict(spec, pre_patch_tfms=[transform_to_spec(t) for t in pre_patch_tfms], versions=library_versions(('torch', 'monai', 'torchio', 'fastai')), extra=extra or {})
-    atomic_write_text(p / 'model.json', json.dumps(desc, indent=2))
-    return p
-
-@dataclass
-class SavedModel:
-    "What `load_model` returns: the network, its PatchConfig and its preprocessing transforms"
-    model: torch.nn.Module
-    config: PatchConfig
-    pre_patch_tfms: list
-    description: dict
-
-def _read_weights(f: Path) -> dict:
-    "Tensors of a safetensors file; a pickle (torch.save) or a damaged file is refused naming it"
-    size = f.stat().st_size
-    with open(f, 'rb') as fh: head = fh.read(9)
-    n = int.from_bytes(head[:8], 'little') if len(head) == 9 else 0
-    safetensors = 0 < n <= size - 8 and head[8:9] == b'{'  # a u64 header length, then a JSON header (it may start 0x80)
-    if not safetensors and (head[:1] == b'\x80' or head[:4] == b'PK\x03\x04'):
-        raise ValueError(f"{f}: this is a pickle / torch.save file, not safetensors; patchfm never unpickles weights (unsafe)")
-    try: return load_file(str(f))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); was it truncated?") from None
-
-def _check_fits(model, state: dict, f: Path, model_class: str):
-    "Names and shapes of the weights must be those of the model built from model.json"
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{f}: weights do not fit {model_class} (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad: raise ValueError(f"{f}: {len(bad)} weight shape(s) do not fit {model_class} as model.json describes it, e.g. {'; '.join(bad[:3])}")
-
-def load_model(path, # folder written by `save_model`
-               device=None, # where to put the model (default: CUDA when available)
-               trusted: bool = False, # trust the folder: allow model arguments and transforms that fetch or read other files
-              ) -> SavedModel:
-    "Rebuild a model saved by `save_model` (no pickle, no network); the model is in eval mode"
-    p = Path(path)
-    for f in ('model.safetensors', 'config.json', 'model.json'):
-        if not (p / f).exists(): raise FileNotFoundError(f"{p / f}: missing; expected a folder written by save_model")
-    desc = read_json(p / 'model.json', 'model description')
-    if not isinstance(desc.get('model_class'), str): raise ValueError(f"{p / 'model.json'}: no 'model_class' string")
-    config = PatchConfig.load(p / 'config.json')
-    try:
-        with _no_unsafe_loading(): tfms = [transform_from_spec(s, trusted=trusted) for s in desc.get('pre_patch_tfms', [])]
-    except (ValueError, TypeError) as e: raise ValueError(f"{p / 'model.json'}: pre_patch_tfms: {e}") from None
-    try: model = build_model(desc, trusted=trusted)
-    except (ValueError, TypeError) as e: raise ValueError(f"{p / 'model.json'}: {e}") from None
-    state = _read_weights(p / 'model.safetensors')
-    _check_fits(model, state, p / 'model.safetensors', desc['model_class'])
-    model.load_state_dict(state)
-    device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    model.to(device).eval()
-    return SavedModel(model, config, tfms, desc)
+__all__ = ['SlidingWindowDice', 'default_unet', 'patch_learner']
 
 # %% ../nbs/09_learner.ipynb #ba91e428
 def _split_paths(dl) -> list:
@@ -220,7 +69,7 @@ class SlidingWindowDice(Metric):
         cases = _split_paths(learn.dls.valid)[:self.max_cases]
         if not cases: return float('nan')
         n = max(self.n_classes, 2)
-        tp, fp, fn = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+        cm = torch.zeros(n + 1, n + 1, dtype=torch.int64)  # row/column n: labels outside the model's classes
         act = default_activation(learn)
         model = unwrap_model(learn.model)  # every rank scores the whole split alone: no collective calls of a DDP wrapper
         with cpu_heap_cache(model=model):  # like patch_inference: activations reuse the previous batch's memory
@@ -229,11 +78,9 @@ class SlidingWindowDice(Metric):
                 probs = predict_volume(model, x, config.patch_size, self.overlap if self.overlap is not None else config.overlap_voxels,
                                        config.aggregation_mode, self.batch_size, act, padding_mode=config.padding_mode)
                 pred = probs_to_labels(probs).cpu().long()
-                for c in range(1, n):
-                    p, t = pred == c, y == c
-                    tp[c] += (p & t).sum(); fp[c] += (p & ~t).sum(); fn[c] += (~p & t).sum()
-        d = 2 * tp[1:] / (2 * tp[1:] + fp[1:] + fn[1:])
-        self._last = float(d[~d.isnan()].mean()) if (~d.isnan()).any() else float('nan')
+                cm += confusion_matrix(y.clamp(0, n), pred, n + 1)  # a stray label is a false positive of the predicted class
+        d = dice_from_confusion(cm)[1:n]  # foreground classes
+        self._last = float(d.nanmean()) if (~d.isnan()).any() else float('nan')
         return self._last
 
     def __getstate__(self):  # learn.export pickles metrics: drop the learner and the cache
@@ -263,6 +110,7 @@ def _n_classes(dls, n_classes):
         return labels[-1] + 1
     raise ValueError("patch_learner needs n_classes (classes including background): the loaders' config has no label_probabilities to infer it from")
 
+@delegates(Learner)
 def patch_learner(dls, # `MedPatchDataLoaders` (or any loaders yielding (B,C,X,Y,Z) images and (B,1,X,Y,Z) labels)
                   model=None, # default: `default_unet` sized for the patch
                   n_classes: int | None = None, # classes including background (default: from label_probabilities)

@@ -20,7 +20,7 @@ from monai.metrics import compute_hausdorff_distance, compute_confusion_matrix_m
 from .core import load_volume, MedicalImageError
 
 # %% auto #0
-__all__ = ['METRIC_COLUMNS', 'dice_from_confusion', 'AccumulatedDice', 'calculate_dsc', 'calculate_haus',
+__all__ = ['METRIC_COLUMNS', 'confusion_matrix', 'dice_from_confusion', 'AccumulatedDice', 'calculate_dsc', 'calculate_haus',
            'calculate_confusion_metrics', 'calculate_lesion_detection_rate', 'calculate_signed_rve',
            'multiclass_metrics', 'evaluate']
 
@@ -34,6 +34,14 @@ def _plain(x):
 def _check_int(name, v, lo=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+def confusion_matrix(
+    targ:torch.Tensor, # integer labels in [0, n)
+    pred:torch.Tensor, # integer labels in [0, n), same shape as `targ`
+    n:int, # number of labels
+) -> torch.Tensor:
+    "(n, n) int64 counts, rows: target class, columns: predicted class."
+    return torch.bincount((targ.long() * n + pred.long()).flatten(), minlength=n * n).reshape(n, n)
 
 def dice_from_confusion(
     confusion:torch.Tensor, # (n, n) counts, rows: target class, columns: predicted class
@@ -98,7 +106,7 @@ class AccumulatedDice(Metric):
         p = self.pred_labels(pred)
         t = self.targ_labels(targ, p.shape).to(p.device)
         n = self.n_labels
-        cm = torch.bincount((t * n + p).flatten(), minlength=n * n).reshape(n, n)
+        cm = confusion_matrix(t, p, n)
         self.confusion = cm if self.confusion is None else self.confusion + cm.to(self.confusion.device)
 
     def accumulate(self, learn): self.update(learn.pred, learn.yb[0])

@@ -13,7 +13,6 @@ from numbers import Integral
 from types import MappingProxyType
 from typing import Callable
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -26,14 +25,14 @@ from .core import overlap_in_voxels
 from .dataset import pipeline_grid
 from .data import PatchDataLoader
 from .subjects import PatchSubjects, check_subjects
-from .learner import SavedModel
+from .serialisation import SavedModel
 from .models import learner_model
 
 # %% auto #0
 __all__ = ['MEASURES', 'WHERE', 'TorchPatchPerformance', 'NoPatchesSeenError', 'bce_measure', 'bce_logits_measure', 'l1_measure',
            'l1_logits_measure', 'cross_entropy_measure', 'dice_error_measure', 'get_measure', 'foreground_where',
-           'get_where', 'PatchPerformanceTracker', 'PatchPerformance', 'PatchPerformanceCallback', 'distance_to_faces',
-           'performance_profile', 'record_performance_map', 'plot_patch_performance', 'windows_for_overlap',
+           'get_where', 'PatchPerformanceTracker', 'PatchPerformance', 'PatchPerformanceCallback', 'spatial_map',
+           'distance_to_faces', 'performance_profile', 'record_performance_map', 'windows_for_overlap',
            'OverlapSuggestion', 'suggest_overlap']
 
 # %% ../nbs/11_performance.ipynb #c37752bf
@@ -371,7 +370,9 @@ class PatchPerformanceCallback(Callback):
         return self.maps[key]
 
 # %% ../nbs/11_performance.ipynb #07b803c1
-def _spatial_map(pmap, channel=None) -> np.ndarray:
+def spatial_map(pmap, # map `(C, *patch_size)` as returned by `calculate_performance`
+                channel=None, # channel to use; None averages the channels
+               ) -> np.ndarray:
     "Channel-first map `(C, *S)` -> float64 array `(*S)` (mean over channels, or `channel`)"
     a = pmap.detach().cpu().double().numpy() if isinstance(pmap, torch.Tensor) else np.asarray(pmap, dtype=np.float64)
     if a.ndim < 2 or 0 in a.shape:
@@ -396,7 +397,7 @@ def performance_profile(pmap, # map `(C, *patch_size)` as returned by `calculate
                         channel:int|None=None, # channel to use; None averages the channels
                        ) -> tuple: # `(distances, means)`: 0..max distance, mean measure at each distance
     "Mean measure as a function of the distance to the nearest patch face (nan positions are left out)"
-    return _profile(_spatial_map(pmap, channel))[1:]
+    return _profile(spatial_map(pmap, channel))[1:]
 
 def _profile(a) -> tuple:
     "`(d, distances, means)` of a spatial map: distance of each voxel, 0..max, mean of the non-nan voxels at each"
@@ -500,49 +501,6 @@ def record_performance_map(learn, # fastai Learner, `SavedModel` or torch module
         dl.release()
     return tracker
 
-# %% ../nbs/11_performance.ipynb #98adb79c
-def _colour_range(a, clip) -> tuple:
-    "`(vmin, vmax, extend)` of the colour scale: the `clip` percentiles of `a` (None: its full range); nan ignored"
-    if clip is not None and (len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 100):
-        raise ValueError(f"clip must be None or two percentiles (low, high) with 0 <= low < high <= 100, got {clip!r}")
-    if np.isnan(a).all(): raise ValueError("the map has no value to show (nan everywhere: no position had any weight)")
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    if clip is None: return lo, hi, 'neither'
-    vmin, vmax = (float(v) for v in np.nanpercentile(a, clip))
-    if vmax <= vmin: vmin, vmax = lo, hi  # (almost) constant map: the percentiles coincide
-    ext = ('both' if vmin > lo and vmax < hi else 'min' if vmin > lo else 'max' if vmax < hi else 'neither')
-    return vmin, vmax, ext
-
-def plot_patch_performance(pmap, # map `(C, *patch_size)` (2D or 3D patches)
-                           channel:int|None=None, # channel to show; None averages the channels
-                           suggestion:OverlapSuggestion|None=None, # draw its plateau, tolerance band and border
-                           cmap='viridis', # colormap of the planes
-                           figsize=None, # default: 3.2 inches per panel
-                           clip=(1, 99), # colour scale from these percentiles of the map (arrows mark values beyond); None: full range
-                          ) -> plt.Figure:
-    "Orthogonal mid-planes of a patch performance map and its profile against the distance to the patch faces"
-    a = _spatial_map(pmap, channel)
-    if a.ndim not in (2, 3): raise ValueError(f"plot_patch_performance needs a 2D or 3D patch map, got spatial shape {a.shape}")
-    planes = [a] if a.ndim == 2 else [a[a.shape[0] // 2], a[:, a.shape[1] // 2], a[:, :, a.shape[2] // 2]]
-    names = ['map'] if a.ndim == 2 else [f'axis {ax} = {a.shape[ax] // 2}' for ax in range(3)]
-    vmin, vmax, extend = _colour_range(a, clip)
-    fig, axs = plt.subplots(1, len(planes) + 1, figsize=figsize or (3.2 * (len(planes) + 1), 3.4), layout='constrained')
-    for ax, plane, name in zip(axs, planes, names):
-        im = ax.imshow(plane.T, origin='lower', cmap=cmap, vmin=vmin, vmax=vmax)
-        ax.set_title(name, fontsize=9); ax.set_xticks([]); ax.set_yticks([])
-    fig.colorbar(im, ax=list(axs[:-1]), shrink=0.8, extend=extend, label='mean measure')
-    dist, means = performance_profile(pmap, channel)
-    ax = axs[-1]
-    ax.plot(dist, means, 'o-', ms=3, label='profile')
-    if suggestion is not None:
-        worse = suggestion.tolerance if suggestion.higher_is_worse else -suggestion.tolerance
-        ax.axhline(suggestion.plateau, color='k', lw=0.8, label='plateau')
-        ax.axhspan(suggestion.plateau, suggestion.plateau + worse, color='k', alpha=0.1, label='tolerance')
-        ax.axvline(suggestion.border - 0.5, color='r', ls='--', lw=1, label=f'border b = {suggestion.border}')
-        ax.legend(fontsize=8)
-    ax.set_xlabel('distance to nearest face (voxels)', fontsize=9); ax.set_ylabel('mean measure', fontsize=9)
-    return fig
-
 # %% ../nbs/11_performance.ipynb #e72d44d1
 def windows_for_overlap(image_shape, # spatial shape of the volume, e.g. (X, Y, Z)
                         patch_size, # spatial patch size, one value per axis
@@ -609,7 +567,7 @@ def suggest_overlap(pmap, # map `(C, *patch_size)` as returned by `calculate_per
         if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not v >= 0 or not math.isfinite(v):
             raise ValueError(f"suggest_overlap: {name} must be a finite number >= 0, got {v!r}")
     if not 0 < plateau_fraction <= 1: raise ValueError(f"plateau_fraction must be in (0, 1], got {plateau_fraction}")
-    a = _spatial_map(pmap, channel)
+    a = spatial_map(pmap, channel)
     patch = tuple(a.shape)
     if image_shape is not None and len(tuple(image_shape)) != len(patch):
         raise ValueError(f"image_shape {tuple(image_shape)} must have one size per patch axis {patch}")

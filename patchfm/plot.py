@@ -14,7 +14,8 @@ from matplotlib import colormaps
 
 # %% auto #0
 __all__ = ['PLANES', 'foreground_slice', 'foreground_center', 'label_cmap', 'draw_slice', 'draw_three_planes',
-           'show_three_planes', 'plot_volume_grid', 'show_segmentation_comparison', 'show_patches', 'plot_metric_curve']
+           'show_three_planes', 'plot_volume_grid', 'show_segmentation_comparison', 'show_patches', 'plot_metric_curve',
+           'curves_figure', 'plot_patch_performance']
 
 # %% ../nbs/13_plot.ipynb #0dc43150
 PLANES = ('sagittal', 'coronal', 'axial')
@@ -240,4 +241,69 @@ def plot_metric_curve(
         i = cols.index(n)
         ax.plot(epochs, [float(v[i]) if len(v) > i and v[i] is not None else np.nan for v in recorder.values], marker='o', label=n)
     ax.set_xlabel('epoch'); ax.set_ylabel('value'); ax.legend(); ax.grid(alpha=0.3)
+    return fig
+
+# %% ../nbs/13_plot.ipynb #bd615822
+_NOT_CURVES = ('epoch', 'lr', 'epoch_time_s')
+
+def curves_figure(history: list, # one dict of metric values per epoch (with an 'epoch' key)
+                  title: str = '',
+                 ):
+    "Loss curves (left) and the other metrics (right) per epoch"
+    fig = Figure(figsize=(10, 3.8), layout='constrained')
+    ax_loss, ax_met = fig.subplots(1, 2)
+    ep = [h['epoch'] + 1 for h in history]
+    keys = sorted({k for h in history for k in h if k not in _NOT_CURVES})
+    for k in keys:
+        ax = ax_loss if 'loss' in k else ax_met
+        ax.plot(ep, [h.get(k, np.nan) for h in history], marker='o', ms=3, label=k)
+    for ax, t in ((ax_loss, 'loss'), (ax_met, 'metrics')):
+        ax.set_xlabel('epoch'); ax.set_title(t)
+        if ax.lines: ax.legend(fontsize=7)
+    if title: fig.suptitle(title, fontsize=9)
+    return fig
+
+# %% ../nbs/13_plot.ipynb #2f626117
+def _colour_range(a, clip) -> tuple:
+    "`(vmin, vmax, extend)` of the colour scale: the `clip` percentiles of `a` (None: its full range); nan ignored"
+    if clip is not None and (len(clip) != 2 or not 0 <= clip[0] < clip[1] <= 100):
+        raise ValueError(f"clip must be None or two percentiles (low, high) with 0 <= low < high <= 100, got {clip!r}")
+    if np.isnan(a).all(): raise ValueError("the map has no value to show (nan everywhere: no position had any weight)")
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    if clip is None: return lo, hi, 'neither'
+    vmin, vmax = (float(v) for v in np.nanpercentile(a, clip))
+    if vmax <= vmin: vmin, vmax = lo, hi  # (almost) constant map: the percentiles coincide
+    ext = ('both' if vmin > lo and vmax < hi else 'min' if vmin > lo else 'max' if vmax < hi else 'neither')
+    return vmin, vmax, ext
+
+def plot_patch_performance(pmap, # map `(C, *patch_size)` (2D or 3D patches)
+                           channel:int|None=None, # channel to show; None averages the channels
+                           suggestion:'OverlapSuggestion'|None=None, # draw its plateau, tolerance band and border
+                           cmap='viridis', # colormap of the planes
+                           figsize=None, # default: 3.2 inches per panel
+                           clip=(1, 99), # colour scale from these percentiles of the map (arrows mark values beyond); None: full range
+                          ) -> Figure:
+    "Orthogonal mid-planes of a patch performance map and its profile against the distance to the patch faces"
+    import matplotlib.pyplot as plt
+    from patchfm.performance import spatial_map, performance_profile  # plotting is the top layer: imported when used
+    a = spatial_map(pmap, channel)
+    if a.ndim not in (2, 3): raise ValueError(f"plot_patch_performance needs a 2D or 3D patch map, got spatial shape {a.shape}")
+    planes = [a] if a.ndim == 2 else [a[a.shape[0] // 2], a[:, a.shape[1] // 2], a[:, :, a.shape[2] // 2]]
+    names = ['map'] if a.ndim == 2 else [f'axis {ax} = {a.shape[ax] // 2}' for ax in range(3)]
+    vmin, vmax, extend = _colour_range(a, clip)
+    fig, axs = plt.subplots(1, len(planes) + 1, figsize=figsize or (3.2 * (len(planes) + 1), 3.4), layout='constrained')
+    for ax, plane, name in zip(axs, planes, names):
+        im = ax.imshow(plane.T, origin='lower', cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_title(name, fontsize=9); ax.set_xticks([]); ax.set_yticks([])
+    fig.colorbar(im, ax=list(axs[:-1]), shrink=0.8, extend=extend, label='mean measure')
+    dist, means = performance_profile(pmap, channel)
+    ax = axs[-1]
+    ax.plot(dist, means, 'o-', ms=3, label='profile')
+    if suggestion is not None:
+        worse = suggestion.tolerance if suggestion.higher_is_worse else -suggestion.tolerance
+        ax.axhline(suggestion.plateau, color='k', lw=0.8, label='plateau')
+        ax.axhspan(suggestion.plateau, suggestion.plateau + worse, color='k', alpha=0.1, label='tolerance')
+        ax.axvline(suggestion.border - 0.5, color='r', ls='--', lw=1, label=f'border b = {suggestion.border}')
+        ax.legend(fontsize=8)
+    ax.set_xlabel('distance to nearest face (voxels)', fontsize=9); ax.set_ylabel('mean measure', fontsize=9)
     return fig

@@ -27,13 +27,14 @@ import patchfm
 from .runtime import library_versions
 from .config import PatchConfig
 from .models import unwrap_model
-from .learner import SavedModel, load_model, model_spec, save_model
+from .serialisation import SavedModel, load_model, model_spec, save_model
+from .plot import curves_figure
 
 # %% auto #0
 __all__ = ['MAX_PARAM_LENGTH', 'user_data_dir', 'sqlite_uri', 'sqlite_path', 'artifact_root', 'default_tracking_uri',
-           'resolve_tracking_uri', 'param_value', 'learner_params', 'flatten_metric', 'split_frame', 'curves_figure',
-           'TrackingWarning', 'recorded_names', 'check_monitor', 'MLflowCallback', 'create_mlflow_callback',
-           'load_model_from_run', 'mlflow_command', 'free_port', 'MLflowUIManager']
+           'resolve_tracking_uri', 'param_value', 'learner_params', 'flatten_metric', 'split_frame', 'TrackingWarning',
+           'recorded_names', 'check_monitor', 'MLflowCallback', 'create_mlflow_callback', 'load_model_from_run',
+           'mlflow_command', 'free_port', 'MLflowUIManager']
 
 # %% ../nbs/12_tracking.ipynb #821205d5
 def user_data_dir(appname: str = 'patchfm', # folder name inside the platform's data folder
@@ -283,27 +284,6 @@ def split_frame(dls) -> pd.DataFrame:
         df.insert(0, 'index', range(len(df))); df.insert(0, 'subset', split)
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=['subset', 'index'])
-
-# %% ../nbs/12_tracking.ipynb #78af9a6d
-_NOT_CURVES = ('epoch', 'lr', 'epoch_time_s')
-
-def curves_figure(history: list, # one dict of metric values per epoch (with an 'epoch' key)
-                  title: str = '',
-                 ):
-    "Loss curves (left) and the other metrics (right) per epoch"
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(10, 3.8), layout='constrained')
-    ax_loss, ax_met = fig.subplots(1, 2)
-    ep = [h['epoch'] + 1 for h in history]
-    keys = sorted({k for h in history for k in h if k not in _NOT_CURVES})
-    for k in keys:
-        ax = ax_loss if 'loss' in k else ax_met
-        ax.plot(ep, [h.get(k, np.nan) for h in history], marker='o', ms=3, label=k)
-    for ax, t in ((ax_loss, 'loss'), (ax_met, 'metrics')):
-        ax.set_xlabel('epoch'); ax.set_title(t)
-        if ax.lines: ax.legend(fontsize=7)
-    if title: fig.suptitle(title, fontsize=9)
-    return fig
 
 # %% ../nbs/12_tracking.ipynb #4eacee08
 class TrackingWarning(UserWarning):

@@ -10,7 +10,8 @@ from patchfm.core import (MedicalImageError, MedImage, MedMask, TEMP_MARK, atomi
 from patchfm.config import PatchConfig, atomic_write_text, transform_from_spec
 from patchfm.dataset import MedDataset
 from patchfm.inference import patch_inference
-from patchfm.learner import build_model, load_model, save_model, patch_learner
+from patchfm.learner import patch_learner
+from patchfm.serialisation import build_model, load_model, save_model
 from patchfm.cli import main
 
 AFF = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -307,7 +308,7 @@ def test_model_kwargs_with_url_are_refused():
     with pytest.raises(ValueError, match='example.com'): build_model(spec)
 
 def test_no_download_while_building():
-    from patchfm.learner import _no_unsafe_loading
+    from patchfm.serialisation import _no_unsafe_loading
     import torch.hub
     with _no_unsafe_loading():
         with pytest.raises(PermissionError, match='download'): torch.hub.load_state_dict_from_url('https://example.com/w.pth')

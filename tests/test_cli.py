@@ -67,7 +67,7 @@ def test_train_errors(tmp_path, capsys):
 def test_train_with_config_and_predict_parts(tmp_path, capsys):
     "A one-epoch run from a given --config; the model predicts through `patchfm predict` in two parts"
     from patchfm.demo import make_demo_dataset
-    from patchfm.learner import load_model
+    from patchfm.serialisation import load_model
     df = make_demo_dataset(tmp_path / 'd', n_cases=4, seed=2)
     df.to_csv(tmp_path / 'c.csv', index=False)
     cfg = PatchConfig(patch_size=16, samples_per_volume=2, queue_length=4, queue_num_workers=0, target_spacing=(4.0,) * 3,

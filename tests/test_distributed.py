@@ -82,7 +82,7 @@ def test_torchrun_train_writes_the_run(run):
 
 
 def test_saved_model_loads_and_predicts(run, tmp_path):
-    from patchfm.learner import load_model
+    from patchfm.serialisation import load_model
     from patchfm.distributed import weights_digest
     tmp, out = run
     assert out.returncode == 0, out.stderr[-4000:]

@@ -2,7 +2,7 @@
 import json, numpy as np, pytest, torch, torchio as tio
 from monai.networks.nets import UNet
 from patchfm.config import PatchConfig
-from patchfm.learner import save_model, load_model, model_spec, build_model
+from patchfm.serialisation import save_model, load_model, model_spec, build_model
 from patchfm.models import HyperUNet, UNet as PaperUNet
 
 

@@ -20,12 +20,13 @@ from patchfm.config import PatchConfig
 from patchfm.core import write_nifti
 from patchfm.data import MedPatchDataLoaders
 from patchfm.subjects import PatchSubjects
-from patchfm.learner import SavedModel
+from patchfm.serialisation import SavedModel
 from patchfm.performance import (
     MEASURES, NoPatchesSeenError, OverlapSuggestion, PatchPerformance, PatchPerformanceCallback,
     PatchPerformanceTracker, TorchPatchPerformance, distance_to_faces, get_measure, performance_profile,
-    WHERE, foreground_where, get_where, plot_patch_performance, record_performance_map, suggest_overlap,
+    WHERE, foreground_where, get_where, record_performance_map, suggest_overlap,
     windows_for_overlap)
+from patchfm.plot import plot_patch_performance
 
 
 def _bce_batch(bs, shape=(4, 4, 4)):
