@@ -9,6 +9,7 @@ Modules:
 - `patchfm.inference`: `patch_inference(learner, config, file_paths)`: read, preprocess exactly as in training, predict patch by patch, blend on the model's device, and write NIfTI on the original grid.
 - `patchfm.learner`: `patch_learner` (a fastai `Learner` with patch-segmentation defaults in one call), `default_unet` and `SlidingWindowDice`, the full-volume validation metric that predicts with the inference engine.
 - `patchfm.metrics`: `AccumulatedDice` for training, per-case DSC, HD95 (mm), confusion metrics, lesion detection and volume error, and an evaluation table straight from prediction and ground-truth files.
+- `patchfm.mlflow_ui`: Where MLflow runs are stored (one per-user SQLite store unless told otherwise) and `MLflowUIManager`, which starts, checks and stops an MLflow UI server on that store and nothing else.
 - `patchfm.models`: `UNet`, `HyperUNet` (every weight generated from the patch size), baking a plain U-Net for one patch size, and the calling protocol that training and inference use for size-conditioned models.
 - `patchfm.patchsize`: Train networks that keep working when the inference patch size changes (patch-size augmentation and the size-conditioned `HyperUNet`), and measure Dice as a function of the patch size.
 - `patchfm.performance`: Spatially resolved performance maps of patch predictions, a fastai callback that records them, and an overlap recommendation for sliding-window inference derived from them.
@@ -19,6 +20,6 @@ Modules:
 - `patchfm.stream`: The worker side of the patch loaders: `PatchSource` (key -> the patches of one subject), the keys of each epoch and their shards, shared-memory slots and batch memory, and `PatchStream` (the worker processes and the shuffle buffer a `PatchDataLoader` draws its batches from).
 - `patchfm.subjects`: The subjects of a split as paths (no voxel is read until a worker visits them), the checks made from their headers, the number of validation tiles and the train/validation split.
 - `patchfm.topk`: Learn which few full-resolution patches are worth a forward pass: a low-resolution global network scores every candidate patch, a differentiable Gumbel top-k picks K of them, a local network segments only those, and the global prediction fills the rest of the volume ("No More Sliding Window", arXiv 2501.10814).
-- `patchfm.tracking`: A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the PatchConfig, the data split, a loss curve and pickle-free weights), reloading a model from a run, and a manager for the MLflow UI."""
+- `patchfm.tracking`: A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the PatchConfig, the data split, a loss curve and pickle-free weights) and reloading a model from a run."""
 
 __version__ = "0.1.0"

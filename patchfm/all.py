@@ -32,6 +32,7 @@ from .patchsize import *
 from .serialisation import *
 from .learner import *
 from .performance import *
+from .mlflow_ui import *
 from .tracking import *
 from .plot import *
 from .demo import *
@@ -40,13 +41,13 @@ from .demo import *
 import patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.preprocess, patchfm.sampling
 import patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses, patchfm.metrics
 import patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.serialisation, patchfm.learner
-import patchfm.performance, patchfm.tracking, patchfm.plot, patchfm.demo
+import patchfm.performance, patchfm.mlflow_ui, patchfm.tracking, patchfm.plot, patchfm.demo
 __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'ToCanonical', 'CropOrPad', 'RandomAffine',
            'RandomElasticDeformation', 'RandomFlip', 'RandomGamma', 'RandomBiasField', 'RandomBlur', 'RandomNoise',
            'RandomMotion', 'RandomGhosting', 'RandomSpike', 'RandomAnisotropy', 'OneOf'] + [n for m in (patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid,
                                  patchfm.preprocess, patchfm.sampling, patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses,
                                  patchfm.metrics, patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.serialisation, patchfm.learner, patchfm.performance,
-                                 patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]
+                                 patchfm.mlflow_ui, patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]
 import fastai.basics, fastai.callback.all
 __all__ += [n for n in dir(fastai.basics) if not n.startswith('_')] + [n for n in dir(fastai.callback.all) if not n.startswith('_')]
 from .topk import *; import patchfm.topk; __all__ += patchfm.topk.__all__  # top-k patch inference (16_topk)

@@ -22,6 +22,7 @@ from .config import PatchConfig
 from .core import MedMask, case_name, read_header
 from .sampling import size_choices
 from .inference import patch_inference
+from fastcore.meta import delegates
 from .learner import patch_learner
 from .metrics import calculate_dsc
 from .models import HyperUNet, learner_model, unet_divisor
@@ -94,6 +95,7 @@ def _in_channels(dls) -> int:
     if sd is not None and hasattr(sd, 'images') and len(sd): return sum(read_header(p).n_channels for p in sd.images[0])
     return int(dls.one_batch()[0].shape[1])
 
+@delegates(patch_learner)
 def hyper_learner(dls, # `MedPatchDataLoaders` built with `patch_size_range` (see `augmented_config`)
                   n_classes: int | None = None, # classes including background (default: from label_probabilities)
                   C: int = 16, # channels at full resolution of the generated U-Net

@@ -1,6 +1,5 @@
 """A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the
-PatchConfig, the data split, a loss curve and pickle-free weights), reloading a model from a run, and a
-manager for the MLflow UI.
+PatchConfig, the data split, a loss curve and pickle-free weights) and reloading a model from a run.
 
 Docs: https://patchfm.github.io/patchfm/tracking.html.md"""
 
@@ -8,18 +7,17 @@ Docs: https://patchfm.github.io/patchfm/tracking.html.md"""
 
 # %% ../nbs/12_tracking.ipynb #cc70cfbb
 from __future__ import annotations
-import functools, inspect, json, math, os, platform, re, signal, socket, subprocess, sys, sysconfig, tempfile, time
-import urllib.error, urllib.request, warnings, weakref
+import functools, inspect, json, math, os, platform, re, sys, tempfile, time, warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-import psutil
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.learner import Recorder
-from fastcore.basics import patch, store_attr
+from fastcore.basics import store_attr
+from fastcore.meta import delegates
 from fasttransform import Pipeline
 from safetensors.torch import save_file
 
@@ -29,70 +27,11 @@ from .config import PatchConfig
 from .models import unwrap_model
 from .serialisation import SavedModel, load_model, model_spec, save_model
 from .plot import curves_figure
+from .mlflow_ui import artifact_root, resolve_tracking_uri, sqlite_path
 
 # %% auto #0
-__all__ = ['MAX_PARAM_LENGTH', 'user_data_dir', 'sqlite_uri', 'sqlite_path', 'artifact_root', 'default_tracking_uri',
-           'resolve_tracking_uri', 'param_value', 'learner_params', 'flatten_metric', 'split_frame', 'TrackingWarning',
-           'recorded_names', 'check_monitor', 'MLflowCallback', 'create_mlflow_callback', 'load_model_from_run',
-           'mlflow_command', 'free_port', 'MLflowUIManager']
-
-# %% ../nbs/12_tracking.ipynb #821205d5
-def user_data_dir(appname: str = 'patchfm', # folder name inside the platform's data folder
-                  sys_platform: str | None = None, # a `sys.platform` value to resolve for (default: this machine's)
-                 ) -> Path:
-    "The per-user data folder: XDG on Linux, Application Support on macOS, `%LOCALAPPDATA%` on Windows"
-    plat = sys.platform if sys_platform is None else sys_platform
-    if plat.startswith('win'):
-        base = os.environ.get('LOCALAPPDATA') or Path.home() / 'AppData' / 'Local'
-    elif plat == 'darwin':
-        base = Path.home() / 'Library' / 'Application Support'
-    else:
-        xdg = os.environ.get('XDG_DATA_HOME', '')
-        base = xdg if os.path.isabs(xdg) else Path.home() / '.local' / 'share'  # the XDG spec ignores relative paths
-    return Path(base).expanduser() / appname
-
-def sqlite_uri(path) -> str:
-    "The SQLAlchemy URI of the SQLite database file `path` (made absolute)"
-    return 'sqlite:///' + Path(path).expanduser().resolve().as_posix()
-
-def sqlite_path(uri: str) -> Path | None:
-    "The database file of a `sqlite:///` URI (None for other stores and in-memory databases)"
-    m = re.match(r'^sqlite(?:\+\w+)?:///(.*)$', str(uri))
-    if not m: return None
-    p = m.group(1).split('?')[0]
-    return None if p in ('', ':memory:') else Path(p)
-
-def artifact_root(uri: str) -> Path | None:
-    "Where a local SQLite store keeps run files: `mlartifacts/` next to the database (None for other stores)"
-    db = sqlite_path(uri)
-    return None if db is None else db.expanduser().resolve().parent / 'mlartifacts'
-
-def default_tracking_uri() -> str:
-    "`MLFLOW_TRACKING_URI` if set, else a SQLite database in `user_data_dir()`"
-    env = os.environ.get('MLFLOW_TRACKING_URI', '').strip()
-    return env or sqlite_uri(user_data_dir() / 'mlflow.db')
-
-def _forbidden_dirs() -> list:
-    dirs = {Path(patchfm.__file__).resolve().parent}
-    for k in ('purelib', 'platlib'):
-        try: dirs.add(Path(sysconfig.get_paths()[k]).resolve())
-        except (KeyError, OSError): pass
-    return sorted(dirs)
-
-def resolve_tracking_uri(tracking_uri=None, # a URI, a `.db` path, or None for `default_tracking_uri()`
-                        ) -> str:
-    "The tracking store to use: the argument, else `MLFLOW_TRACKING_URI`, else the per-user SQLite file"
-    uri = default_tracking_uri() if tracking_uri is None else str(tracking_uri).strip()
-    if not uri: raise ValueError("tracking_uri is empty; pass None for the default store or a URI such as 'sqlite:///runs/mlflow.db'")
-    if '://' not in uri and Path(uri).suffix.lower() in ('.db', '.sqlite', '.sqlite3'): uri = sqlite_uri(uri)
-    db = sqlite_path(uri)
-    if db is not None:
-        full = db.expanduser().resolve()
-        for d in _forbidden_dirs():
-            if full == d or d in full.parents:
-                raise ValueError(f"tracking store {full} lies inside {d} (an installed package); it would be lost on upgrade. "
-                                 "Use the default (None) or a folder of yours.")
-    return uri
+__all__ = ['MAX_PARAM_LENGTH', 'param_value', 'learner_params', 'flatten_metric', 'split_frame', 'TrackingWarning',
+           'recorded_names', 'check_monitor', 'MLflowCallback', 'create_mlflow_callback', 'load_model_from_run']
 
 # %% ../nbs/12_tracking.ipynb #e3d1402f
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a parameter value
@@ -310,6 +249,8 @@ def check_monitor(learn, monitor: str) -> str:
                      "(or '<metric>_class_<k>' for a per-class metric)")
 
 # %% ../nbs/12_tracking.ipynb #23e5937c
+_FATAL = ('connect to the store', 'create the run')
+
 class MLflowCallback(Callback):
     "Log each fit as an MLflow run: parameters read from the learner, per-epoch metrics, config, split, curves and weights"
     order = Recorder.order + 1  # after the Recorder has this epoch's values
@@ -354,273 +295,253 @@ class MLflowCallback(Callback):
         self._failures, self._history, self._t0, self._error = 0, [], None, None
         self._best, self._best_epoch, self._best_state, self._cancelled = None, None, None, False
 
-# %% ../nbs/12_tracking.ipynb #c19bcc91
-_FATAL = ('connect to the store', 'create the run')
+    # Every MLflow call goes through `_call`, which turns an exception into a `TrackingWarning`. The store is opened
+    # lazily (importing MLflow takes seconds), and a new experiment in a local SQLite store gets its artifact folder
+    # next to the database, not in the current directory.
+    def _call(self, what: str, fn, *args, **kwargs):
+        "Run `fn`; on failure warn (naming `what`) and return None, switching tracking off when it cannot go on"
+        if self._off: return None
+        try: return fn(*args, **kwargs)
+        except Exception as e:
+            self._failures += 1
+            fatal = what in _FATAL or self._failures >= self.max_failures
+            if fatal: self._off = True
+            warnings.warn(f"MLflow tracking could not {what} ({self.tracking_uri}): {type(e).__name__}: {_compact(e)[:500]}. "
+                          f"Training continues{'; tracking is off for the rest of this fit' if fatal else ''}.",
+                          TrackingWarning, stacklevel=3)
+            return None
 
-@patch
-def _call(self: MLflowCallback, what: str, fn, *args, **kwargs):
-    "Run `fn`; on failure warn (naming `what`) and return None, switching tracking off when it cannot go on"
-    if self._off: return None
-    try: return fn(*args, **kwargs)
-    except Exception as e:
-        self._failures += 1
-        fatal = what in _FATAL or self._failures >= self.max_failures
-        if fatal: self._off = True
-        warnings.warn(f"MLflow tracking could not {what} ({self.tracking_uri}): {type(e).__name__}: {_compact(e)[:500]}. "
-                      f"Training continues{'; tracking is off for the rest of this fit' if fatal else ''}.",
-                      TrackingWarning, stacklevel=3)
-        return None
-
-@patch
-def _connect(self: MLflowCallback) -> str:
-    "Open the store (creating a SQLite file's folder) and return the experiment id, creating the experiment if needed"
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    db = sqlite_path(self.tracking_uri)
-    if db is not None: db.expanduser().parent.mkdir(parents=True, exist_ok=True)
-    if self._client is None: self._client = MlflowClient(self.tracking_uri)
-    c = self._client
-    exp = c.get_experiment_by_name(self.experiment_name)
-    if exp is not None and exp.lifecycle_stage == 'deleted':
-        warnings.warn(f"experiment {self.experiment_name!r} had been deleted in {self.tracking_uri}; restored for this run", TrackingWarning)
-        c.restore_experiment(exp.experiment_id)
-    if exp is not None: return exp.experiment_id
-    root = artifact_root(self.tracking_uri)
-    loc = (root / _slug(self.experiment_name)).as_uri() if root is not None else None
-    try: return c.create_experiment(self.experiment_name, artifact_location=loc)
-    except MlflowException:  # created meanwhile by another process?
+    def _connect(self) -> str:
+        "Open the store (creating a SQLite file's folder) and return the experiment id, creating the experiment if needed"
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+        db = sqlite_path(self.tracking_uri)
+        if db is not None: db.expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if self._client is None: self._client = MlflowClient(self.tracking_uri)
+        c = self._client
         exp = c.get_experiment_by_name(self.experiment_name)
-        if exp is None: raise
-        return exp.experiment_id
+        if exp is not None and exp.lifecycle_stage == 'deleted':
+            warnings.warn(f"experiment {self.experiment_name!r} had been deleted in {self.tracking_uri}; restored for this run", TrackingWarning)
+            c.restore_experiment(exp.experiment_id)
+        if exp is not None: return exp.experiment_id
+        root = artifact_root(self.tracking_uri)
+        loc = (root / _slug(self.experiment_name)).as_uri() if root is not None else None
+        try: return c.create_experiment(self.experiment_name, artifact_location=loc)
+        except MlflowException:  # created meanwhile by another process?
+            exp = c.get_experiment_by_name(self.experiment_name)
+            if exp is None: raise
+            return exp.experiment_id
 
-@patch
-def _config(self: MLflowCallback): return self.patch_config or getattr(self.learn.dls, 'patch_config', None)
+    def _config(self): return self.patch_config or getattr(self.learn.dls, 'patch_config', None)
 
-@patch
-def _pre_tfms(self: MLflowCallback):
-    return self.pre_patch_tfms if self.pre_patch_tfms is not None else getattr(self.learn.dls, 'pre_patch_tfms', None)
+    def _pre_tfms(self):
+        return self.pre_patch_tfms if self.pre_patch_tfms is not None else getattr(self.learn.dls, 'pre_patch_tfms', None)
 
-# %% ../nbs/12_tracking.ipynb #8fe8bb2e
-@patch
-def _description(self: MLflowCallback) -> dict:
-    "Model class, constructor arguments, architecture and preprocessing, as logged in `model_description.json`"
-    from patchfm.config import transform_to_spec
-    model = unwrap_model(self.learn.model)
-    try: d = model_spec(model, self.model_kwargs)
-    except Exception as e: d = dict(model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_kwargs=None, error=_compact(e))
-    def spec(t):
-        try: return transform_to_spec(t)
-        except Exception: return dict(repr=_compact(repr(t)))
-    d.update(pre_patch_tfms=[spec(t) for t in (self._pre_tfms() or [])], summary=str(model),
-             n_parameters=sum(p.numel() for p in model.parameters()))
-    return d
+    # Opening the run and the files logged at its start:
+    def _description(self) -> dict:
+        "Model class, constructor arguments, architecture and preprocessing, as logged in `model_description.json`"
+        from patchfm.config import transform_to_spec
+        model = unwrap_model(self.learn.model)
+        try: d = model_spec(model, self.model_kwargs)
+        except Exception as e: d = dict(model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_kwargs=None, error=_compact(e))
+        def spec(t):
+            try: return transform_to_spec(t)
+            except Exception: return dict(repr=_compact(repr(t)))
+        d.update(pre_patch_tfms=[spec(t) for t in (self._pre_tfms() or [])], summary=str(model),
+                 n_parameters=sum(p.numel() for p in model.parameters()))
+        return d
 
-@patch
-def _create_run(self: MLflowCallback, params: dict):
-    from mlflow.tracking.context.registry import resolve_tags
-    tags = {'patchfm.version': patchfm.__version__, 'patchfm.fit_method': str(params.get('fit_method', 'fit')),
-            **{str(k): str(v) for k, v in self.tags.items()}}
-    try: tags = resolve_tags(tags)  # user, source file, git commit
-    except Exception: pass
-    return self._client.create_run(self._experiment_id, run_name=self.run_name, tags=tags)
+    def _create_run(self, params: dict):
+        from mlflow.tracking.context.registry import resolve_tags
+        tags = {'patchfm.version': patchfm.__version__, 'patchfm.fit_method': str(params.get('fit_method', 'fit')),
+                **{str(k): str(v) for k, v in self.tags.items()}}
+        try: tags = resolve_tags(tags)  # user, source file, git commit
+        except Exception: pass
+        return self._client.create_run(self._experiment_id, run_name=self.run_name, tags=tags)
 
-@patch
-def _start_run(self: MLflowCallback):
-    "Connect, open the run, log the parameters and the files that describe the training"
-    from mlflow.entities import Param
-    self._experiment_id = self._call('connect to the store', self._connect)
-    if self._experiment_id is None: return
-    params = learner_params(self.learn, self.patch_config, self.pre_patch_tfms, self.model_kwargs)
-    params.update({str(k): _plain(v) for k, v in self.extra_params.items()})
-    run = self._call('create the run', self._create_run, params)
-    if run is None: return
-    self.run_id = run.info.run_id
-    self.run_ids.append(self.run_id)
-    self._open = True
-    c, rid = self._client, self.run_id
-    self._call('log the parameters', c.log_batch, rid, params=[Param(k, param_value(v)) for k, v in params.items()])
-    cfg = self._config()
-    if isinstance(cfg, PatchConfig): self._call('log the PatchConfig', c.log_dict, rid, cfg.to_dict(), _ARTIFACTS['config'])
-    self._call('log the model description', lambda: c.log_dict(rid, self._description(), _ARTIFACTS['description']))
-    self._call('log params.json', c.log_dict, rid, params, _ARTIFACTS['params'])
-    self._call('log the split', lambda: c.log_text(rid, split_frame(self.learn.dls).to_csv(index=False), _ARTIFACTS['split']))
+    def _start_run(self):
+        "Connect, open the run, log the parameters and the files that describe the training"
+        from mlflow.entities import Param
+        self._experiment_id = self._call('connect to the store', self._connect)
+        if self._experiment_id is None: return
+        params = learner_params(self.learn, self.patch_config, self.pre_patch_tfms, self.model_kwargs)
+        params.update({str(k): _plain(v) for k, v in self.extra_params.items()})
+        run = self._call('create the run', self._create_run, params)
+        if run is None: return
+        self.run_id = run.info.run_id
+        self.run_ids.append(self.run_id)
+        self._open = True
+        c, rid = self._client, self.run_id
+        self._call('log the parameters', c.log_batch, rid, params=[Param(k, param_value(v)) for k, v in params.items()])
+        cfg = self._config()
+        if isinstance(cfg, PatchConfig): self._call('log the PatchConfig', c.log_dict, rid, cfg.to_dict(), _ARTIFACTS['config'])
+        self._call('log the model description', lambda: c.log_dict(rid, self._description(), _ARTIFACTS['description']))
+        self._call('log params.json', c.log_dict, rid, params, _ARTIFACTS['params'])
+        self._call('log the split', lambda: c.log_text(rid, split_frame(self.learn.dls).to_csv(index=False), _ARTIFACTS['split']))
 
-# %% ../nbs/12_tracking.ipynb #746c4122
-@patch
-def _epoch_values(self: MLflowCallback) -> dict:
-    "This epoch's Recorder values, flattened (per-class metrics become one value per class)"
-    rec, mets = self.learn.recorder, list(self.learn.metrics)
-    names = [n for n in rec.metric_names[1:] if n != 'time']
-    n_train = 1 + (len(mets) if rec.train_metrics else 0)
-    valid = [] if getattr(rec, 'cancel_valid', False) or not rec.valid_metrics else names[n_train:]
-    names = ([] if getattr(rec, 'cancel_train', False) else names[:n_train]) + valid
-    # the Recorder turns a one-element tensor into a float: read per-class validation values from the metrics
-    objs = dict(zip(valid[1:], mets))
-    first = {n: int(getattr(m, 'include_background', True) is False)  # AccumulatedDice without background starts at class 1
-             for m in mets for n in (m.name, f'train_{m.name}', f'valid_{m.name}')}
-    out = {}
-    for n, v in zip(names, self.learn.final_record):
-        m = objs.get(n)
-        raw = getattr(m, 'value', None) if m is not None else None
-        if isinstance(raw, (torch.Tensor, np.ndarray)) and np.ndim(raw) >= 1: v = raw
-        out.update(flatten_metric(n, v, first.get(n, 0)))
-    return out
+    # Per-epoch values and the best weights:
+    def _epoch_values(self) -> dict:
+        "This epoch's Recorder values, flattened (per-class metrics become one value per class)"
+        rec, mets = self.learn.recorder, list(self.learn.metrics)
+        names = [n for n in rec.metric_names[1:] if n != 'time']
+        n_train = 1 + (len(mets) if rec.train_metrics else 0)
+        valid = [] if getattr(rec, 'cancel_valid', False) or not rec.valid_metrics else names[n_train:]
+        names = ([] if getattr(rec, 'cancel_train', False) else names[:n_train]) + valid
+        # the Recorder turns a one-element tensor into a float: read per-class validation values from the metrics
+        objs = dict(zip(valid[1:], mets))
+        first = {n: int(getattr(m, 'include_background', True) is False)  # AccumulatedDice without background starts at class 1
+                 for m in mets for n in (m.name, f'train_{m.name}', f'valid_{m.name}')}
+        out = {}
+        for n, v in zip(names, self.learn.final_record):
+            m = objs.get(n)
+            raw = getattr(m, 'value', None) if m is not None else None
+            if isinstance(raw, (torch.Tensor, np.ndarray)) and np.ndim(raw) >= 1: v = raw
+            out.update(flatten_metric(n, v, first.get(n, 0)))
+        return out
 
-@patch
-def _update_best(self: MLflowCallback, vals: dict):
-    v = vals.get(self.monitor)
-    if v is None or not math.isfinite(v): return
-    if self._best is None or self.comp(v, self._best):
-        self._best, self._best_epoch = v, self.learn.epoch
-        if self.log_model:
-            self._best_state = {k: t.detach().to('cpu', copy=True) for k, t in unwrap_model(self.learn.model).state_dict().items()}
+    def _update_best(self, vals: dict):
+        v = vals.get(self.monitor)
+        if v is None or not math.isfinite(v): return
+        if self._best is None or self.comp(v, self._best):
+            self._best, self._best_epoch = v, self.learn.epoch
+            if self.log_model:
+                self._best_state = {k: t.detach().to('cpu', copy=True) for k, t in unwrap_model(self.learn.model).state_dict().items()}
 
-@patch
-def _log_epoch(self: MLflowCallback):
-    from mlflow.entities import Metric
-    vals = self._epoch_values()
-    opt = self.learn.opt
-    if opt is not None: vals['lr'] = float(opt.hypers[-1]['lr'])
-    if self._t0 is not None: vals['epoch_time_s'] = time.perf_counter() - self._t0
-    self._history.append({'epoch': self.learn.epoch, **vals})
-    self._update_best(vals)
-    ts, step = int(time.time() * 1000), int(self.learn.epoch)
-    self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in vals.items()])
+    def _log_epoch(self):
+        from mlflow.entities import Metric
+        vals = self._epoch_values()
+        opt = self.learn.opt
+        if opt is not None: vals['lr'] = float(opt.hypers[-1]['lr'])
+        if self._t0 is not None: vals['epoch_time_s'] = time.perf_counter() - self._t0
+        self._history.append({'epoch': self.learn.epoch, **vals})
+        self._update_best(vals)
+        ts, step = int(time.time() * 1000), int(self.learn.epoch)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in vals.items()])
 
-# %% ../nbs/12_tracking.ipynb #6e8d301b
-@patch
-def _log_weights(self: MLflowCallback, folder: str, state: dict | None):
-    "Log a `save_model` folder with the current weights, or with `state` when given"
-    with tempfile.TemporaryDirectory(prefix='patchfm-mlflow-') as d:
-        p = Path(d) / folder
-        extra = dict(run_id=self.run_id, weights=folder, monitor=self.monitor, best=_plain(self._best), best_epoch=self._best_epoch)
-        try: save_model(self.learn, p, config=self._config(), pre_patch_tfms=self._pre_tfms(), model_kwargs=self.model_kwargs, extra=extra)
-        except (ValueError, TypeError) as e:
-            warnings.warn(f"the logged weights cannot be rebuilt by load_model_from_run ({_compact(e)}); only model.safetensors "
-                          "is logged. Pass patch_config= and/or model_kwargs= to the callback to log complete models.", TrackingWarning)
-            p.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrap_model(self.learn.model).state_dict().items()}, str(p / 'model.safetensors'))
-        if state is not None: save_file({k: v.contiguous() for k, v in state.items()}, str(p / 'model.safetensors'))
-        self._client.log_artifacts(self.run_id, str(p), folder)
+    # The end of a run: curves, weights (each a `save_model` folder; the best weights are written from the CPU copy
+    # into the same layout), summary metrics and a note shown on the run's page, then the status.
+    def _log_weights(self, folder: str, state: dict | None):
+        "Log a `save_model` folder with the current weights, or with `state` when given"
+        with tempfile.TemporaryDirectory(prefix='patchfm-mlflow-') as d:
+            p = Path(d) / folder
+            extra = dict(run_id=self.run_id, weights=folder, monitor=self.monitor, best=_plain(self._best), best_epoch=self._best_epoch)
+            try: save_model(self.learn, p, config=self._config(), pre_patch_tfms=self._pre_tfms(), model_kwargs=self.model_kwargs, extra=extra)
+            except (ValueError, TypeError) as e:
+                warnings.warn(f"the logged weights cannot be rebuilt by load_model_from_run ({_compact(e)}); only model.safetensors "
+                              "is logged. Pass patch_config= and/or model_kwargs= to the callback to log complete models.", TrackingWarning)
+                p.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in unwrap_model(self.learn.model).state_dict().items()}, str(p / 'model.safetensors'))
+            if state is not None: save_file({k: v.contiguous() for k, v in state.items()}, str(p / 'model.safetensors'))
+            self._client.log_artifacts(self.run_id, str(p), folder)
 
-@patch
-def _log_curves(self: MLflowCallback):
-    if not self._history: return
-    fig = curves_figure(self._history, title=f"{self.experiment_name} · run {self.run_id[:8]}")
-    with tempfile.TemporaryDirectory(prefix='patchfm-mlflow-') as d:
-        f = Path(d) / _ARTIFACTS['curves']
-        fig.savefig(f, dpi=100)
-        self._client.log_artifact(self.run_id, str(f))
+    def _log_curves(self):
+        if not self._history: return
+        fig = curves_figure(self._history, title=f"{self.experiment_name} · run {self.run_id[:8]}")
+        with tempfile.TemporaryDirectory(prefix='patchfm-mlflow-') as d:
+            f = Path(d) / _ARTIFACTS['curves']
+            fig.savefig(f, dpi=100)
+            self._client.log_artifact(self.run_id, str(f))
 
-@patch
-def _note(self: MLflowCallback, status: str, error: str | None) -> str:
-    model = type(unwrap_model(self.learn.model)).__name__
-    cfg = self._config()
-    lines = [f"**{model}**, {len(self._history)} of {getattr(self.learn, 'n_epoch', '?')} epochs, {status.lower()}"
-             + (f", patch size {cfg.patch_size}" if isinstance(cfg, PatchConfig) else '') + '.']
-    if self._best is not None: lines.append(f"Best {self.monitor}: {self._best:.4g} at epoch {self._best_epoch}.")
-    if error: lines.append(f"Error: `{error[:300]}`")
-    return '\n\n'.join(lines)
+    def _note(self, status: str, error: str | None) -> str:
+        model = type(unwrap_model(self.learn.model)).__name__
+        cfg = self._config()
+        lines = [f"**{model}**, {len(self._history)} of {getattr(self.learn, 'n_epoch', '?')} epochs, {status.lower()}"
+                 + (f", patch size {cfg.patch_size}" if isinstance(cfg, PatchConfig) else '') + '.']
+        if self._best is not None: lines.append(f"Best {self.monitor}: {self._best:.4g} at epoch {self._best_epoch}.")
+        if error: lines.append(f"Error: `{error[:300]}`")
+        return '\n\n'.join(lines)
 
-@patch
-def _log_summary(self: MLflowCallback, status: str, error: str | None):
-    from mlflow.entities import Metric, RunTag
-    ts, metrics = int(time.time() * 1000), []
-    if self._best is not None:
-        metrics = [Metric(f'best_{self.monitor}', float(self._best), ts, int(self._best_epoch)), Metric('best_epoch', float(self._best_epoch), ts, 0)]
-    tags = [RunTag('mlflow.note.content', self._note(status, error))]
-    if error: tags.append(RunTag('patchfm.error', error[:5000]))
-    if self._cancelled: tags.append(RunTag('patchfm.cancelled', 'true'))
-    self._client.log_batch(self.run_id, metrics=metrics, tags=tags)
+    def _log_summary(self, status: str, error: str | None):
+        from mlflow.entities import Metric, RunTag
+        ts, metrics = int(time.time() * 1000), []
+        if self._best is not None:
+            metrics = [Metric(f'best_{self.monitor}', float(self._best), ts, int(self._best_epoch)), Metric('best_epoch', float(self._best_epoch), ts, 0)]
+        tags = [RunTag('mlflow.note.content', self._note(status, error))]
+        if error: tags.append(RunTag('patchfm.error', error[:5000]))
+        if self._cancelled: tags.append(RunTag('patchfm.cancelled', 'true'))
+        self._client.log_batch(self.run_id, metrics=metrics, tags=tags)
 
-@patch
-def _end(self: MLflowCallback, status: str, error: str | None = None):
-    "Log the closing files and metrics, mark the run `status` and remove the event wrapper"
-    try:
-        if self._open:
-            self._call('log the loss curve', self._log_curves)
-            if self.log_model and self._best_state is not None:
-                self._call('log the best weights', self._log_weights, _ARTIFACTS['best'], self._best_state)
-            if self.log_model and status == 'FINISHED': self._call('log the final weights', self._log_weights, _ARTIFACTS['final'], None)
-            self._call('log the summary', self._log_summary, status, error)
-            self._off = False  # always try to close the run, even after failed calls
-            self._call('end the run', self._client.set_terminated, self.run_id, status)
-    finally:
-        self._open, self._in_fit, self._best_state = False, False, None
+    def _end(self, status: str, error: str | None = None):
+        "Log the closing files and metrics, mark the run `status` and remove the event wrapper"
+        try:
+            if self._open:
+                self._call('log the loss curve', self._log_curves)
+                if self.log_model and self._best_state is not None:
+                    self._call('log the best weights', self._log_weights, _ARTIFACTS['best'], self._best_state)
+                if self.log_model and status == 'FINISHED': self._call('log the final weights', self._log_weights, _ARTIFACTS['final'], None)
+                self._call('log the summary', self._log_summary, status, error)
+                self._off = False  # always try to close the run, even after failed calls
+                self._call('end the run', self._client.set_terminated, self.run_id, status)
+        finally:
+            self._open, self._in_fit, self._best_state = False, False, None
+            self._uninstall_guard()
+
+    # The event wrapper. It counts nested `_with_events` calls (epoch, train, batch, ...) so that it can tell a
+    # `before_fit` that comes from inside the fit (a nested `validate`) from a new fit, and ends the run when an
+    # exception leaves the outermost one. It chains to whatever was there before and is removed at the end of the fit.
+    def _install_guard(self):
+        self._st = st = SimpleNamespace(depth=0)  # fresh per fit: a wrapper that is unwinding keeps counting on its own
+        learn, cb = self.learn, self
+        prev = learn.__dict__.get('_with_events')
+        inner = prev or type(learn)._with_events.__get__(learn)
+        def _with_events(f, event_type, ex, final=lambda: None):
+            st.depth += 1
+            try: inner(f, event_type, ex, final)
+            except CancelFitException: raise
+            except BaseException as e:
+                if st.depth == 1: cb._abort(e)
+                raise
+            finally: st.depth -= 1
+        _with_events.patchfm_guard = (self, prev)
+        learn._with_events = _with_events
+        self._guarded = learn
+
+    def _uninstall_guard(self):
+        learn, self._guarded = self._guarded, None
+        if learn is None: return
+        cur = learn.__dict__.get('_with_events')
+        owner, prev = getattr(cur, 'patchfm_guard', (None, None))
+        if owner is not self: return
+        if prev is None: del learn.__dict__['_with_events']
+        else: learn.__dict__['_with_events'] = prev
+
+    def _abort(self, e: BaseException):
+        "End the run of a fit that raised `e`: FAILED, or KILLED for Ctrl-C"
+        self._nested = 0
+        status = 'KILLED' if isinstance(e, KeyboardInterrupt) else 'FAILED'
+        try: self._end(status, error=f"{type(e).__name__}: {_compact(e)}")
+        except Exception as err: warnings.warn(f"MLflow tracking could not close the failed run: {err}", TrackingWarning)
+
+    # The fastai events:
+    def before_fit(self):
+        if self._st.depth > 0: self._nested += 1; return  # validate()/fit() called from inside the tracked fit
+        if self._open: self._end('FAILED', error='the previous fit stopped without reaching after_fit')
         self._uninstall_guard()
+        self._new_fit_state()
+        from fastai.torch_core import rank_distrib
+        self._skip = hasattr(self.learn, 'lr_finder') or hasattr(self.learn, 'gather_preds') or rank_distrib() != 0
+        self._in_fit = True
+        if not self._skip: self._install_guard()
 
-# %% ../nbs/12_tracking.ipynb #f75e98a9
-@patch
-def _install_guard(self: MLflowCallback):
-    self._st = st = SimpleNamespace(depth=0)  # fresh per fit: a wrapper that is unwinding keeps counting on its own
-    learn, cb = self.learn, self
-    prev = learn.__dict__.get('_with_events')
-    inner = prev or type(learn)._with_events.__get__(learn)
-    def _with_events(f, event_type, ex, final=lambda: None):
-        st.depth += 1
-        try: inner(f, event_type, ex, final)
-        except CancelFitException: raise
-        except BaseException as e:
-            if st.depth == 1: cb._abort(e)
-            raise
-        finally: st.depth -= 1
-    _with_events.patchfm_guard = (self, prev)
-    learn._with_events = _with_events
-    self._guarded = learn
+    def before_train(self):
+        "Open the run when training starts (validate/get_preds also send before_fit but never train)"
+        if self._in_fit and not (self._skip or self._nested or self._open or self._off): self._start_run()
 
-@patch
-def _uninstall_guard(self: MLflowCallback):
-    learn, self._guarded = self._guarded, None
-    if learn is None: return
-    cur = learn.__dict__.get('_with_events')
-    owner, prev = getattr(cur, 'patchfm_guard', (None, None))
-    if owner is not self: return
-    if prev is None: del learn.__dict__['_with_events']
-    else: learn.__dict__['_with_events'] = prev
+    def before_epoch(self):
+        if not self._nested: self._t0 = time.perf_counter()
 
-@patch
-def _abort(self: MLflowCallback, e: BaseException):
-    "End the run of a fit that raised `e`: FAILED, or KILLED for Ctrl-C"
-    self._nested = 0
-    status = 'KILLED' if isinstance(e, KeyboardInterrupt) else 'FAILED'
-    try: self._end(status, error=f"{type(e).__name__}: {_compact(e)}")
-    except Exception as err: warnings.warn(f"MLflow tracking could not close the failed run: {err}", TrackingWarning)
+    def after_epoch(self):
+        if self._open and not (self._nested or self._off): self._call('log the epoch metrics', self._log_epoch)
 
-# %% ../nbs/12_tracking.ipynb #24b2d54e
-@patch
-def before_fit(self: MLflowCallback):
-    if self._st.depth > 0: self._nested += 1; return  # validate()/fit() called from inside the tracked fit
-    if self._open: self._end('FAILED', error='the previous fit stopped without reaching after_fit')
-    self._uninstall_guard()
-    self._new_fit_state()
-    from fastai.torch_core import rank_distrib
-    self._skip = hasattr(self.learn, 'lr_finder') or hasattr(self.learn, 'gather_preds') or rank_distrib() != 0
-    self._in_fit = True
-    if not self._skip: self._install_guard()
+    def after_cancel_fit(self):
+        if not self._nested: self._cancelled = True
 
-@patch
-def before_train(self: MLflowCallback):
-    "Open the run when training starts (validate/get_preds also send before_fit but never train)"
-    if self._in_fit and not (self._skip or self._nested or self._open or self._off): self._start_run()
-
-@patch
-def before_epoch(self: MLflowCallback):
-    if not self._nested: self._t0 = time.perf_counter()
-
-@patch
-def after_epoch(self: MLflowCallback):
-    if self._open and not (self._nested or self._off): self._call('log the epoch metrics', self._log_epoch)
-
-@patch
-def after_cancel_fit(self: MLflowCallback):
-    if not self._nested: self._cancelled = True
-
-@patch
-def after_fit(self: MLflowCallback):
-    if self._nested: self._nested -= 1; return
-    if self._in_fit: self._end('FINISHED')
+    def after_fit(self):
+        if self._nested: self._nested -= 1; return
+        if self._in_fit: self._end('FINISHED')
 
 # %% ../nbs/12_tracking.ipynb #a34a43c4
+@delegates(MLflowCallback)
 def create_mlflow_callback(learn, # the Learner to track (parameters are read from it at every fit)
                            experiment_name: str | None = None, # default: `MLFLOW_EXPERIMENT_NAME` or 'patchfm'
                            run_name: str | None = None, # default: MLflow's random name
@@ -659,190 +580,3 @@ def load_model_from_run(run_id: str, # the MLflow run id (shown in the UI and in
         local = client.download_artifacts(run_id, folder, d)
         try: return load_model(local, device=device)
         except FileNotFoundError as e: raise FileNotFoundError(f"run {run_id}: {folder}/ cannot be rebuilt ({e})") from None
-
-# %% ../nbs/12_tracking.ipynb #c15fa0b7
-def mlflow_command() -> list:
-    "The `mlflow` CLI of this Python environment: the script next to `sys.executable`, else `python -m mlflow`"
-    d = Path(sys.executable).parent
-    for exe in (d / 'mlflow', d / 'mlflow.exe', d / 'Scripts' / 'mlflow.exe'):
-        if exe.is_file(): return [str(exe)]
-    return [sys.executable, '-m', 'mlflow']
-
-def free_port(host: str = '127.0.0.1') -> int:
-    "A TCP port that is free on `host` right now"
-    fam = socket.AF_INET6 if ':' in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((host, 0)); return s.getsockname()[1]
-
-def _port_free(host, port) -> bool:
-    try: 
-        with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM) as s: s.bind((host, port))
-        return True
-    except OSError: return False
-
-def _http_ok(url: str, timeout: float = 2.) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy: it is our own machine
-    try:
-        with opener.open(url, timeout=timeout) as r: return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError): return False
-
-def _tail(path, n: int = 25) -> str:
-    try: return '\n'.join(Path(path).read_text(errors='replace').splitlines()[-n:])
-    except OSError: return '(no log)'
-
-# Runs in its own small process next to the UI server: when the process that started the server dies, even by
-# SIGKILL (no finalizer runs then), the watchdog is re-parented, sees it, and stops the server's process group.
-_WATCHDOG = """
-import os, signal, sys, time
-parent, group = int(sys.argv[1]), int(sys.argv[2])
-def group_alive():
-    try: os.killpg(group, 0); return True
-    except ProcessLookupError: return False
-    except PermissionError: return True
-while group_alive():
-    if os.getppid() != parent:
-        try: os.killpg(group, signal.SIGTERM)
-        except OSError: sys.exit(0)
-        for _ in range(100):
-            if not group_alive(): sys.exit(0)
-            time.sleep(0.1)
-        try: os.killpg(group, signal.SIGKILL)
-        except OSError: pass
-        sys.exit(0)
-    time.sleep(0.25)
-"""
-
-def _start_watchdog(server_pid: int):
-    "A process that stops the server's process group when this process dies (POSIX only; None elsewhere)"
-    if os.name != 'posix': return None
-    return subprocess.Popen([sys.executable, '-c', _WATCHDOG, str(os.getpid()), str(server_pid)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-
-def _terminate(proc, log_file=None, timeout: float = 15., watchdog=None):
-    "Stop `proc` and its descendants (its process group on POSIX): SIGTERM, then SIGKILL after `timeout`"
-    if proc is not None:
-        members = []
-        if proc.returncode is None:  # not reaped: the pid is still this process
-            try:
-                root = psutil.Process(proc.pid)
-                members = [root] + root.children(recursive=True)
-            except psutil.Error: pass
-            if os.name == 'posix':
-                try: os.killpg(proc.pid, signal.SIGTERM)  # the group of the server (start_new_session)
-                except OSError: pass
-        for p in members:
-            try: p.terminate()
-            except psutil.Error: pass
-        _, alive = psutil.wait_procs(members, timeout=timeout)
-        for p in alive:
-            try: p.kill()
-            except psutil.Error: pass
-        psutil.wait_procs(alive, timeout=5)
-        try: proc.wait(timeout=5)
-        except subprocess.TimeoutExpired: pass
-    if watchdog is not None:
-        try: watchdog.kill(); watchdog.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired): pass
-    if log_file is not None: log_file.close()
-
-# %% ../nbs/12_tracking.ipynb #9c445f04
-class MLflowUIManager:
-    "Start, check and stop an MLflow UI server on a tracking store (only the process it started)"
-    def __init__(self,
-                 port: int | None = None, # default: a free port
-                 host: str = '127.0.0.1', # interface to bind ('0.0.0.0' opens the UI to the network)
-                 backend_store_uri: str | None = None, # default: the callback's default store
-                 timeout: float = 120., # seconds to wait for the server to answer
-                 workers: int = 1, # server worker processes
-                ):
-        store_attr('port,host,timeout,workers')
-        self.backend_store_uri = resolve_tracking_uri(backend_store_uri)
-        if re.match(r'^(https?|databricks)', self.backend_store_uri):
-            raise ValueError(f"backend_store_uri={self.backend_store_uri!r} is already a tracking server: open it in a browser")
-        self.proc, self.log_path, self._log, self._finalizer, self._port = None, None, None, None, None
-
-    @property
-    def url(self) -> str | None:
-        "The address of the running UI"
-        if self._port is None: return None
-        h = '127.0.0.1' if self.host in ('0.0.0.0', '') else ('localhost' if self.host == '::' else self.host)
-        return f"http://{f'[{h}]' if ':' in h else h}:{self._port}"
-
-    @property
-    def is_running(self) -> bool: return self.proc is not None and self.proc.poll() is None
-
-    def command(self, port: int) -> list:
-        "The command line that starts the server"
-        cmd = mlflow_command() + ['server', '--backend-store-uri', self.backend_store_uri, '--host', self.host,
-                                  '--port', str(port), '--workers', str(self.workers)]
-        root = artifact_root(self.backend_store_uri)
-        if root is not None: cmd += ['--default-artifact-root', root.as_uri(), '--artifacts-destination', root.as_uri()]
-        return cmd
-
-    def __repr__(self): return f"MLflowUIManager({self.url if self.is_running else 'stopped'}, store={self.backend_store_uri!r})"
-
-# %% ../nbs/12_tracking.ipynb #d9d40d97
-@patch
-def start_ui(self: MLflowUIManager, open_browser: bool = False) -> str:
-    "Start the server (if not running), wait until it answers over HTTP, and return its URL"
-    if self.is_running: return self.url
-    self.stop()  # a server that died on its own: clean up
-    if self.host not in ('127.0.0.1', 'localhost', '::1'):
-        warnings.warn(f"the MLflow UI binds to {self.host}: anyone who can reach this machine can read (and change) the runs")
-    port = self.port or free_port(self.host if self.host not in ('', '0.0.0.0', '::') else '127.0.0.1')
-    if self.port and not _port_free(self.host, port): raise OSError(f"port {port} on {self.host} is in use; pass another port, or port=None for a free one")
-    root, db = artifact_root(self.backend_store_uri), sqlite_path(self.backend_store_uri)
-    if db is not None: db.expanduser().parent.mkdir(parents=True, exist_ok=True)
-    if root is not None: root.mkdir(parents=True, exist_ok=True)
-    fd, log_path = tempfile.mkstemp(prefix='patchfm-mlflow-ui-', suffix='.log')
-    self.log_path, self._log = Path(log_path), os.fdopen(fd, 'w')
-    env = {**os.environ}
-    env.setdefault('MLFLOW_SERVER_ENABLE_JOB_EXECUTION', 'false')
-    kw = dict(start_new_session=True) if os.name == 'posix' else dict(creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
-    try: self.proc = subprocess.Popen(self.command(port), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, **kw)
-    except OSError:
-        self._log.close(); self.log_path.unlink(missing_ok=True); self._log = self.log_path = None
-        raise
-    self._port = port
-    try: self._watchdog = _start_watchdog(self.proc.pid)  # stops the server if this process is killed
-    except OSError: self._watchdog = None
-    self._finalizer = weakref.finalize(self, _terminate, self.proc, self._log, 15., self._watchdog)  # also runs at interpreter exit
-    deadline = time.monotonic() + self.timeout
-    while not _http_ok(f"{self.url}/health"):
-        if self.proc.poll() is not None:
-            rc, log = self.proc.returncode, self.log_path
-            self.stop(keep_log=True)
-            raise RuntimeError(f"mlflow server exited with code {rc} before answering; last lines of {log}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            log, url = self.log_path, self.url
-            self.stop(keep_log=True)
-            raise TimeoutError(f"mlflow server did not answer on {url} within {self.timeout:g} s; "
-                               f"last lines of {log}:\n{_tail(log)}")
-        time.sleep(0.25)
-    if open_browser:
-        import webbrowser; webbrowser.open(self.url)
-    return self.url
-
-@patch
-def stop(self: MLflowUIManager, keep_log: bool = False):
-    "Terminate the server this manager started (with its worker processes); does nothing when none runs"
-    if self._finalizer is not None: self._finalizer()  # runs `_terminate` once
-    if self.log_path is not None and not keep_log:
-        self.log_path.unlink(missing_ok=True); self.log_path = None
-    self.proc, self._finalizer, self._port, self._log = None, None, None, None
-    return self
-
-MLflowUIManager.stop_ui = MLflowUIManager.stop
-
-@patch
-def status(self: MLflowUIManager) -> dict:
-    "Whether the server runs, where, its pid, store and log file"
-    running = self.is_running
-    return dict(running=running, url=self.url if running else None, pid=self.proc.pid if running else None,
-                backend_store_uri=self.backend_store_uri, log_path=str(self.log_path) if self.log_path else None)
-
-@patch
-def __enter__(self: MLflowUIManager): self.start_ui(); return self
-
-@patch
-def __exit__(self: MLflowUIManager, *exc): self.stop()

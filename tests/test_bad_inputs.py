@@ -459,7 +459,7 @@ def test_mlflow_ui_server_dies_with_sigkilled_parent(tmp_path):
     (tmp_path / 'health').write_text('ok')
     script = textwrap.dedent(f"""
         import sys, time
-        from patchfm.tracking import MLflowUIManager
+        from patchfm.mlflow_ui import MLflowUIManager
         class Fake(MLflowUIManager):
             def command(self, port): return [sys.executable, '-m', 'http.server', str(port), '--bind', '127.0.0.1', '--directory', {str(tmp_path)!r}]
         m = Fake(backend_store_uri={(tmp_path / 'store').as_uri()!r}, timeout=60)

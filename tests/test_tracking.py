@@ -24,9 +24,9 @@ from patchfm.inference import patch_inference
 from patchfm.losses import default_loss
 from patchfm.metrics import AccumulatedDice
 from patchfm.models import UNet
-from patchfm.tracking import (MLflowCallback, MLflowUIManager, TrackingWarning, create_mlflow_callback, default_tracking_uri,
-                              flatten_metric, free_port, learner_params, load_model_from_run, resolve_tracking_uri,
-                              split_frame, user_data_dir)
+from patchfm.tracking import (MLflowCallback, TrackingWarning, create_mlflow_callback, flatten_metric, learner_params,
+                              load_model_from_run, split_frame)
+from patchfm.mlflow_ui import MLflowUIManager, default_tracking_uri, free_port, resolve_tracking_uri, user_data_dir
 
 CFG = PatchConfig(patch_size=(8, 8, 8), samples_per_volume=2, queue_length=8)
 
