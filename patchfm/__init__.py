@@ -14,6 +14,7 @@ Modules:
 - `patchfm.patchsize`: Train networks that keep working when the inference patch size changes (patch-size augmentation and the size-conditioned `HyperUNet`), and measure Dice as a function of the patch size.
 - `patchfm.performance`: Spatially resolved performance maps of patch predictions, a fastai callback that records them, and an overlap recommendation for sliding-window inference derived from them.
 - `patchfm.preprocess`: The one preprocessing of a subject (read, reorient, resample, intensity transforms, pad) that the patch loaders, `patch_inference` and `SlidingWindowDice` share, and the optional cache of preprocessed volumes.
+- `patchfm.regrid`: Resampling a prediction from the preprocessed frame onto the grid of the file the user gave, through the affines (exact and separable for reorientation plus resampling).
 - `patchfm.runtime`: `cpu_heap_cache()` and `HeapCacheCallback`: on CPU, stop every forward pass from paying the kernel to map and zero its activations again.
 - `patchfm.sampling`: Where the patches of a volume lie: valid centres, tiles that cover a volume, the samplers (uniform, label, weighted) as small objects, and the seeds every random choice of the loaders derives from.
 - `patchfm.serialisation`: `save_model` / `load_model`: weights as safetensors plus the PatchConfig, the preprocessing and the model description as JSON, so a trained model can be deployed without unpickling anything.

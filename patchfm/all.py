@@ -15,6 +15,7 @@ from torchio.transforms import (ZNormalization, RescaleIntensity, Clamp, Resampl
 from fastai.basics import *
 from fastai.callback.all import *
 from .core import *
+from .regrid import *
 from .runtime import *
 from .dataset import *
 from .config import *
@@ -38,13 +39,13 @@ from .plot import *
 from .demo import *
 
 # %% ../nbs/99_all.ipynb #12fde72f
-import patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.preprocess, patchfm.sampling
+import patchfm.core, patchfm.regrid, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid, patchfm.preprocess, patchfm.sampling
 import patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses, patchfm.metrics
 import patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.serialisation, patchfm.learner
 import patchfm.performance, patchfm.mlflow_ui, patchfm.tracking, patchfm.plot, patchfm.demo
 __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'ToCanonical', 'CropOrPad', 'RandomAffine',
            'RandomElasticDeformation', 'RandomFlip', 'RandomGamma', 'RandomBiasField', 'RandomBlur', 'RandomNoise',
-           'RandomMotion', 'RandomGhosting', 'RandomSpike', 'RandomAnisotropy', 'OneOf'] + [n for m in (patchfm.core, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid,
+           'RandomMotion', 'RandomGhosting', 'RandomSpike', 'RandomAnisotropy', 'OneOf'] + [n for m in (patchfm.core, patchfm.regrid, patchfm.runtime, patchfm.dataset, patchfm.config, patchfm.grid,
                                  patchfm.preprocess, patchfm.sampling, patchfm.subjects, patchfm.stream, patchfm.data, patchfm.losses,
                                  patchfm.metrics, patchfm.models, patchfm.inference, patchfm.patchsize, patchfm.serialisation, patchfm.learner, patchfm.performance,
                                  patchfm.mlflow_ui, patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]

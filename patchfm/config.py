@@ -17,17 +17,16 @@ import torch
 import torchio as tio
 from fastcore.basics import patch
 
-from .core import atomic_path, check_nonfinite, check_overlap, check_spacing, geometry_transforms, overlap_in_voxels
+from .core import (PADDING_MODES, atomic_path, check_nonfinite, check_overlap, check_spacing, geometry_transforms,
+                          overlap_in_voxels, pad_volume, padding_amounts)
 
 # %% auto #0
-__all__ = ['SAMPLER_TYPES', 'AGGREGATION_MODES', 'PADDING_MODES', 'PatchConfig', 'atomic_write_text', 'read_json',
-           'store_patch_variables', 'load_patch_variables', 'PadToPatch', 'transform_to_spec', 'string_arguments',
-           'transform_from_spec']
+__all__ = ['SAMPLER_TYPES', 'AGGREGATION_MODES', 'PatchConfig', 'atomic_write_text', 'read_json', 'store_patch_variables',
+           'load_patch_variables', 'PadToPatch', 'transform_to_spec', 'string_arguments', 'transform_from_spec']
 
 # %% ../nbs/02_config.ipynb #3ccf5c23
 SAMPLER_TYPES = ('uniform', 'label', 'weighted')
 AGGREGATION_MODES = ('hann', 'gaussian', 'average', 'crop')
-PADDING_MODES = ('constant', 'edge', 'reflect', 'symmetric', 'mean', 'median', 'minimum', 'maximum')
 
 def _err(name, msg): return ValueError(f"PatchConfig.{name}: {msg}")
 
@@ -235,7 +234,7 @@ def from_dataset(cls: PatchConfig, med_dataset, # a `patchfm.dataset.MedDataset`
 
 # %% ../nbs/02_config.ipynb #b6e3e432
 class PadToPatch(tio.SpatialTransform):
-    "Pad each axis symmetrically to at least `patch_size`: intensities with `padding_mode`, label maps with 0"
+    "Pad each axis symmetrically to at least `patch_size` with `patchfm.core.pad_volume`: intensities with `padding_mode`, label and probability maps with 0"
     def __init__(self, patch_size, padding_mode=0, **kwargs):
         super().__init__(**kwargs)
         self.patch_size, self.padding_mode = tuple(int(p) for p in patch_size), padding_mode
@@ -243,18 +242,16 @@ class PadToPatch(tio.SpatialTransform):
 
     def padding_for(self, shape) -> tuple:
         "(x0, x1, y0, y1, z0, z1) padding that brings `shape` to at least the patch size"
-        pads = []
-        for n, p in zip(shape, self.patch_size):
-            d = max(0, p - int(n)); pads += [d // 2, d - d // 2]
-        return tuple(pads)
+        return tuple(v for ba in padding_amounts(shape, self.patch_size) for v in ba)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         pads = self.padding_for(next(iter(subject.get_images(intensity_only=False))).spatial_shape)
         if not any(pads): return subject
-        keys_int = [k for k, im in subject.get_images_dict(intensity_only=False).items() if im.type != tio.LABEL]
-        keys_lab = [k for k, im in subject.get_images_dict(intensity_only=False).items() if im.type == tio.LABEL]
-        if keys_int: subject = tio.Pad(pads, padding_mode=self.padding_mode, include=keys_int)(subject)
-        if keys_lab: subject = tio.Pad(pads, padding_mode=0, include=keys_lab)(subject)
+        for im in subject.get_images(intensity_only=False):
+            data, _ = pad_volume(im.data, self.patch_size, self.padding_mode if im.type == tio.INTENSITY else 0)
+            affine = np.array(im.affine, dtype=np.float64)
+            affine[:3, 3] = affine[:3, :3] @ -np.array(pads[::2], dtype=np.float64) + affine[:3, 3]  # the origin moves out
+            im.set_data(data); im.affine = affine
         return subject
 
 # %% ../nbs/02_config.ipynb #c1fbc153

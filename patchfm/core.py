@@ -22,12 +22,12 @@ from torchio.data.io import get_ras_affine_from_sitk
 from fastai.torch_core import TensorBase
 
 # %% auto #0
-__all__ = ['TEMP_MARK', 'IMAGE_EXTENSIONS', 'MedicalImageError', 'current_umask', 'is_temp_file', 'atomic_path',
+__all__ = ['TEMP_MARK', 'IMAGE_EXTENSIONS', 'PADDING_MODES', 'MedicalImageError', 'current_umask', 'is_temp_file', 'atomic_path',
            'atomic_write_bytes', 'remove_stale_temps', 'case_name', 'affine_spacing', 'affine_orientation', 'GridInfo',
            'read_header', 'check_payload', 'check_nonfinite', 'load_volume', 'check_spacing', 'resampled_grid',
-           'ResampleToSpacing', 'geometry_transforms', 'check_overlap', 'overlap_in_voxels', 'smallest_int_dtype',
-           'as_label_tensor', 'remap_labels', 'MedBase', 'MedImage', 'MedMask', 'write_nifti', 'resample_to_grid',
-           'is_exact_regrid', 'restore_to_original']
+           'ResampleToSpacing', 'geometry_transforms', 'check_overlap', 'overlap_in_voxels', 'padding_amounts',
+           'pad_volume', 'smallest_int_dtype', 'as_label_tensor', 'remap_labels', 'MedBase', 'MedImage', 'MedMask',
+           'write_nifti']
 
 # %% ../nbs/00_core.ipynb #f990ec11
 class MedicalImageError(ValueError):
@@ -388,6 +388,55 @@ def overlap_in_voxels(overlap, # as `check_overlap`
     return tuple(o if isinstance(o, int) else min(math.ceil(o * p - 1e-9), p - 1)
                  for o, p in zip(check_overlap(overlap, patch_size), patch_size))
 
+# %% ../nbs/00_core.ipynb #2f2aca5f
+PADDING_MODES = ('constant', 'edge', 'reflect', 'symmetric', 'mean', 'median', 'minimum', 'maximum')
+
+def padding_amounts(shape, # spatial shape (X, Y, Z)
+                    patch_size, # at least this size on every axis
+                   ) -> tuple: # ((x0, x1), (y0, y1), (z0, z1)) voxels before and after each axis
+    "The padding that brings `shape` to at least `patch_size`: half before, half after (the extra voxel after)"
+    return tuple((d // 2, d - d // 2) for d in (max(0, int(p) - int(n)) for n, p in zip(shape, patch_size)))
+
+def _median(v: torch.Tensor) -> float:
+    "The median as `torch.quantile(v, 0.5)` gives it (the mean of the two middle values), for any size"
+    v = v.flatten().float(); k = (v.numel() - 1) / 2
+    lo, hi = v.kthvalue(math.floor(k) + 1).values, v.kthvalue(math.ceil(k) + 1).values
+    return float(lo + (hi - lo) * 0.5)
+
+_PAD_STATS = {'mean': lambda v: float(v.float().mean()), 'median': _median,
+              'minimum': lambda v: v.min().item(), 'maximum': lambda v: v.max().item()}
+
+def _source_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
+    "Index into an axis of length `n` of every voxel of the padded axis, as `np.pad(mode=...)` fills it"
+    i = torch.arange(-before, n + after, device=device)
+    if mode == 'edge' or n == 1: return i.clamp(0, n - 1)
+    p = 2 * (n - 1) if mode == 'reflect' else 2 * n  # the period of the mirrored sequence
+    j = i % p
+    return torch.where(j < n, j, p - j if mode == 'reflect' else p - 1 - j)
+
+def pad_volume(x: torch.Tensor, # (..., X, Y, Z) volume, e.g. (C, X, Y, Z)
+               patch_size, # pad each spatial axis to at least this size
+               padding_mode=0, # a number, or one of `PADDING_MODES`
+              ) -> tuple: # the padded tensor, and the padding ((x0, x1), (y0, y1), (z0, z1)) for `crop_padding`
+    "Pad the last 3 axes of `x` to at least `patch_size` as `np.pad` does for `padding_mode` (statistics per channel)"
+    pad = padding_amounts(x.shape[-3:], patch_size)
+    if not any(b or a for b, a in pad): return x, pad
+    if padding_mode in ('edge', 'reflect', 'symmetric'):
+        for ax, (b, a) in enumerate(pad):
+            d = x.ndim - 3 + ax
+            if b or a: x = x.index_select(d, _source_index(x.shape[d], b, a, padding_mode, x.device))
+        return x, pad
+    if isinstance(padding_mode, Real) and not isinstance(padding_mode, bool): fills = [float(padding_mode)]
+    elif padding_mode == 'constant': fills = [0.]
+    elif padding_mode in _PAD_STATS:
+        fills = [_PAD_STATS[padding_mode](c) for c in x.reshape(-1, *x.shape[-3:])]
+    else: raise ValueError(f"padding_mode must be a number or one of {PADDING_MODES}, got {padding_mode!r}")
+    out = x.new_empty((*x.shape[:-3], *(s + b + a for s, (b, a) in zip(x.shape[-3:], pad))))
+    flat = out.view(-1, *out.shape[-3:])
+    for c in range(flat.shape[0]): flat[c].fill_(fills[c] if len(fills) > 1 else fills[0])
+    out[(..., *(slice(b, b + s) for s, (b, _) in zip(x.shape[-3:], pad)))] = x
+    return out, pad
+
 # %% ../nbs/00_core.ipynb #060cba13
 def smallest_int_dtype(lo: int, hi: int) -> np.dtype:
     "Smallest numpy integer dtype that holds every value in [`lo`, `hi`]"
@@ -499,95 +548,3 @@ def write_nifti(data, # (X,Y,Z) or (C,X,Y,Z) tensor/array
     img.set_qform(img.affine, code=1); img.set_sform(img.affine, code=1)
     with atomic_path(p, suffix=suffix) as tmp: nib.save(img, tmp)
     return p
-
-# %% ../nbs/00_core.ipynb #94ca89f2
-def _axis_map(M: np.ndarray, tol: float = 1e-6):
-    "If M[:3,:3] is a scaled permutation, return (perm, scale) with src_axis[perm[j]] = scale[j]*dst_j + off"
-    L = M[:3, :3]
-    nz = np.abs(L) > tol * max(1.0, np.abs(L).max())
-    if not (nz.sum(0) == 1).all() or not (nz.sum(1) == 1).all(): return None
-    perm = [int(np.argmax(nz[:, j])) for j in range(3)]
-    if sorted(perm) != [0, 1, 2]: return None
-    return perm, [float(L[perm[j], j]) for j in range(3)]
-
-def _sample_axis(x: torch.Tensor, dim: int, coords: np.ndarray, mode: str):
-    "Sample `x` along `dim` at fractional `coords`; outside the grid (beyond half a voxel) gives 0"
-    n = x.shape[dim]
-    inside = torch.as_tensor((coords >= -0.5 - 1e-4) & (coords <= n - 0.5 + 1e-4))
-    shape = [1] * x.ndim; shape[dim] = len(coords)
-    if mode == 'nearest':
-        idx = torch.as_tensor(np.clip(np.floor(coords + 0.5 + 1e-6), 0, n - 1).astype(np.int64))
-        out = x.index_select(dim, idx)
-    else:
-        c = np.clip(coords, 0, n - 1)
-        i0 = np.floor(c).astype(np.int64); i1 = np.minimum(i0 + 1, n - 1)
-        w = torch.as_tensor((c - i0), dtype=x.dtype if x.is_floating_point() else torch.float32)
-        a, b = x.index_select(dim, torch.as_tensor(i0)), x.index_select(dim, torch.as_tensor(i1))
-        if not a.is_floating_point(): a, b = a.float(), b.float()
-        out = torch.lerp(a, b, w.to(x.device).view(shape))
-    if not bool(inside.all()): out = out * inside.to(out.device).view(shape).to(out.dtype)
-    return out
-
-def _grid_sample(data, M, dst_shape, mode, slab=16):
-    "General affine resampling with grid_sample, slab by slab along the last axis"
-    src_shape = data.shape[1:]
-    x = data[None].float().permute(0, 1, 4, 3, 2)  # grid_sample wants (N,C,D,H,W) with grid (x=W,y=H,z=D)
-    out = torch.zeros((data.shape[0], *dst_shape), dtype=torch.float32, device=data.device)
-    ii, jj = np.meshgrid(np.arange(dst_shape[0]), np.arange(dst_shape[1]), indexing='ij')
-    size = np.array(src_shape, dtype=np.float64)
-    for z0 in range(0, dst_shape[2], slab):
-        kk = np.arange(z0, min(z0 + slab, dst_shape[2]))
-        pts = np.stack(np.broadcast_arrays(ii[..., None], jj[..., None], kk[None, None]), -1).reshape(-1, 3)
-        src = pts @ M[:3, :3].T + M[:3, 3]
-        g = torch.as_tensor((2 * src + 1) / size - 1, dtype=torch.float32, device=data.device)
-        g = g.view(1, len(ii), ii.shape[1], len(kk), 3)
-        r = torch.nn.functional.grid_sample(x, g.permute(0, 3, 2, 1, 4), mode='nearest' if mode == 'nearest' else 'bilinear',
-                                            padding_mode='zeros', align_corners=False)
-        out[..., z0:z0 + len(kk)] = r[0].permute(0, 3, 2, 1)
-    return out
-
-def resample_to_grid(data: torch.Tensor, # (C,X,Y,Z) data on the source grid
-                     src_affine, # 4x4 affine of `data`
-                     dst_affine, # 4x4 affine of the destination grid
-                     dst_shape, # spatial shape of the destination grid
-                     mode: str = 'nearest', # 'nearest' (labels) or 'linear' (intensities, probabilities)
-                    ) -> torch.Tensor:
-    "Resample `data` onto another grid through the affines (world coordinates are what match)"
-    if mode not in ('nearest', 'linear'): raise ValueError(f"mode must be 'nearest' or 'linear', got {mode!r}")
-    if data.ndim != 4: raise ValueError(f"data must be (C,X,Y,Z), got shape {tuple(data.shape)}")
-    dst_shape = tuple(int(s) for s in dst_shape)
-    M = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
-    am = _axis_map(M)
-    if am is None:
-        out = _grid_sample(data, M, dst_shape, mode)
-        return out.round().to(data.dtype) if not data.is_floating_point() else out.to(data.dtype)
-    perm, scale = am
-    x = data.permute(0, *[p + 1 for p in perm])  # source axes in destination order
-    for j in range(3):
-        coords = scale[j] * np.arange(dst_shape[j], dtype=np.float64) + M[perm[j], 3]
-        if mode == 'nearest' or np.allclose(coords, np.round(coords), atol=1e-6):
-            x = _sample_axis(x, j + 1, np.round(coords, 6), 'nearest')
-        else: x = _sample_axis(x, j + 1, coords, 'linear')
-    if not data.is_floating_point() and x.is_floating_point(): x = x.round().to(data.dtype)
-    return x.contiguous()
-
-def is_exact_regrid(src_affine, dst_affine) -> bool:
-    "True when going from one grid to the other only permutes/flips/shifts whole voxels (no interpolation needed)"
-    M = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
-    am = _axis_map(M)
-    if am is None: return False
-    perm, scale = am
-    return all(abs(abs(s) - 1) < 1e-6 for s in scale) and np.allclose(M[:3, 3], np.round(M[:3, 3]), atol=1e-4)
-
-def restore_to_original(data: torch.Tensor, # (C,X,Y,Z) or (X,Y,Z) prediction on the preprocessed grid
-                        affine, # affine of `data` (e.g. `MedImage.affine`)
-                        original: GridInfo, # grid of the original file (e.g. `MedImage.source` or `read_header(path)`)
-                        mode: str = 'nearest', # 'nearest' for labels, 'linear' for probabilities/logits
-                       ) -> torch.Tensor:
-    "Put `data` back onto the `original` grid through the affines; the shape matches `data`'s rank"
-    squeeze = data.ndim == 3
-    x = data[None] if squeeze else data
-    if tuple(x.shape[1:]) == tuple(original.shape) and np.allclose(affine, original.affine, atol=1e-6):
-        return data  # already on the original grid: nothing to do
-    out = resample_to_grid(x, affine, original.affine, original.shape, mode)
-    return out[0] if squeeze else out

@@ -20,12 +20,13 @@ from fastprogress.fastprogress import progress_bar
 from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
-from .core import (TEMP_MARK, GridInfo, MedMask, MedicalImageError, case_name, check_payload, is_exact_regrid,
-                          read_header, remove_stale_temps, restore_to_original, write_nifti)
+from .core import (TEMP_MARK, GridInfo, MedMask, MedicalImageError, case_name, check_payload, pad_volume,
+                          read_header, remove_stale_temps, write_nifti)
+from .regrid import is_exact_regrid, restore_to_original
 from .preprocess import flip_axes, preprocess_subject
 from .config import PatchConfig
 from .runtime import cpu_heap_cache, distributed_rank_world, release_cached_memory
-from .grid import PatchAggregator, crop_padding, extract_patches, pad_to_patch, patch_grid, probs_to_labels
+from .grid import PatchAggregator, crop_padding, extract_patches, patch_grid, probs_to_labels
 from .models import learner_model, model_forward, unwrap_model
 
 # %% auto #0
@@ -54,14 +55,6 @@ def preprocess_for_inference(path, # image file, DICOM folder, or list of them (
     out = preprocess_subject(path, config, pre_inference_tfms, pad=False)  # the very function the loaders use
     return out['image'], out['affine'], src
 
-# %% ../nbs/08_inference.ipynb #5edf9e93
-def _pad_args(padding_mode, x) -> tuple:
-    "(mode, value) for `pad_to_patch` from a PatchConfig padding_mode (same meaning as in training)"
-    if isinstance(padding_mode, (int, float)) and not isinstance(padding_mode, bool): return 'constant', float(padding_mode)
-    stats = {'mean': torch.mean, 'median': torch.median, 'minimum': torch.min, 'maximum': torch.max}
-    if padding_mode in stats: return 'constant', float(stats[padding_mode](x.float()))
-    return {'edge': ('replicate', 0.), 'reflect': ('reflect', 0.), 'symmetric': ('reflect', 0.)}.get(padding_mode, ('constant', 0.))
-
 # %% ../nbs/08_inference.ipynb #e9bf9241
 _FLIP_SETS = {None: [()], False: [()], True: [(), (2,), (3,), (4,)], 'all': [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]}
 
@@ -86,7 +79,7 @@ def predict_volume(model: torch.nn.Module, # network (eval mode is set here)
     flips = _FLIP_SETS.get(tta) if not isinstance(tta, (list, tuple)) else list(tta)
     if flips is None: raise ValueError(f"tta must be None, True, 'all' or a list of flip-axis tuples, got {tta!r}")
     x = x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-    xp, pad = pad_to_patch(x, patch_size, *_pad_args(padding_mode, x), side='both')
+    xp, pad = pad_volume(x, patch_size, padding_mode)  # the rule training pads by (patchfm.core)
     xp = xp.to(device)
     agg, was_training = None, model.training
     model.eval()

@@ -29,18 +29,6 @@ def check_grid(ref: GridInfo, g: GridInfo, what: str, ref_path, path):
         raise MedicalImageError(f"{what} {path} does not share the grid of image {ref_path}: {g} vs {ref}; "
                                 "image and mask must have the same shape and affine")
 
-def _pad(t: PadToPatch, subject: tio.Subject) -> tio.Subject:
-    "Apply `t`; zero the padded border of a probability map whatever the intensity padding mode"
-    pads = t.padding_for(subject.spatial_shape)
-    subject = t(subject)
-    if 'weight' in subject and any(pads):
-        w = subject['weight'].data
-        keep = torch.zeros(w.shape[1:], dtype=torch.bool)
-        X, Y, Z = w.shape[1:]
-        keep[pads[0]:X - pads[1], pads[2]:Y - pads[3], pads[4]:Z - pads[5]] = True
-        subject['weight'].set_data(w * keep)
-    return subject
-
 def preprocess_subject(image, # image path, or a list of paths (one per channel)
                        patch_config: PatchConfig, # gives orientation, spacing, patch size and padding
                        pre_patch_tfms=None, # TorchIO intensity transforms applied to the whole volume (per channel)
@@ -67,11 +55,11 @@ def preprocess_subject(image, # image path, or a list of paths (one per channel)
     try:
         for t in copy.deepcopy(patch_config.preprocessing(pre_patch_tfms, pad=pad).transforms):
             t.copy = False  # the subject is ours: no defensive deep copy of the volumes at every step
-            subject = _pad(t, subject) if isinstance(t, PadToPatch) else t(subject)
+            subject = t(subject)  # PadToPatch pads a probability map with zeros whatever the intensity padding mode
     except MedicalImageError: raise
     except Exception as e:  # e.g. ZNormalization of an all-zero image: name the file
         raise MedicalImageError(f"{ref_path}: preprocessing failed in {type(t).__name__} ({type(e).__name__}: {e})") from e
-    if pad_size is not None: subject = _pad(PadToPatch(pad_size, patch_config.padding_mode), subject)
+    if pad_size is not None: subject = PadToPatch(pad_size, patch_config.padding_mode)(subject)
     chans = [subject[_channel_key(c)].data for c in range(data.shape[0])]
     out = dict(image=(chans[0] if len(chans) == 1 else torch.cat(chans)).float(),
                affine=np.array(subject[_channel_key(0)].affine, dtype=np.float64))

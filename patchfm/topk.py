@@ -24,7 +24,8 @@ from fastai.learner import Learner, Metric
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 
 from .config import PatchConfig
-from .core import is_exact_regrid, restore_to_original, write_nifti, MedMask
+from .core import write_nifti, MedMask
+from .regrid import is_exact_regrid, restore_to_original
 from .preprocess import preprocess_subject
 from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs_to_labels
 from .inference import (preprocess_for_inference, probabilities_to_original, keep_largest_component,

@@ -2,6 +2,7 @@
 import numpy as np, nibabel as nib, SimpleITK as sitk, torch, pytest
 from scipy import ndimage
 from patchfm.core import *
+from patchfm.regrid import *
 
 
 def _mask(shape, seed=0):
