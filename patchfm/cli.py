@@ -282,7 +282,8 @@ def cmd_train(args) -> int:
     "Train on a CSV of image/label paths, in one process or data-parallel under torchrun / accelerate"
     import torch, torchio as tio
     from fastai.callback.progress import ProgressCallback
-    from patchfm.config import PatchConfig, atomic_write_text
+    from patchfm.config import PatchConfig
+    from patchfm.core import atomic_write_text
     from patchfm.data import MedPatchDataLoaders
     from patchfm.learner import patch_learner
     from patchfm.serialisation import save_model

@@ -17,12 +17,12 @@ import torch
 import torchio as tio
 from fastcore.basics import patch
 
-from .core import (PADDING_MODES, atomic_path, check_nonfinite, check_overlap, check_spacing, geometry_transforms,
+from .core import (PADDING_MODES, atomic_path, atomic_write_text, check_nonfinite, check_overlap, check_spacing, geometry_transforms,
                           overlap_in_voxels, pad_volume, padding_amounts)
 
 # %% auto #0
-__all__ = ['SAMPLER_TYPES', 'AGGREGATION_MODES', 'PatchConfig', 'atomic_write_text', 'read_json', 'store_patch_variables',
-           'load_patch_variables', 'PadToPatch', 'transform_to_spec', 'string_arguments', 'transform_from_spec']
+__all__ = ['SAMPLER_TYPES', 'AGGREGATION_MODES', 'PatchConfig', 'read_json', 'store_patch_variables', 'load_patch_variables',
+           'PadToPatch', 'transform_to_spec', 'string_arguments', 'transform_from_spec']
 
 # %% ../nbs/02_config.ipynb #3ccf5c23
 SAMPLER_TYPES = ('uniform', 'label', 'weighted')
@@ -159,11 +159,6 @@ def _jsonable(v):
     if isinstance(v, dict): return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, (np.generic,)): return v.item()
     return v
-
-def atomic_write_text(path, text: str) -> Path:
-    "Write `text` to `path` atomically (`patchfm.core.atomic_path`: a temporary file, the umask's mode, a rename)"
-    with atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8')
-    return Path(path)
 
 def read_json(path, what: str = 'file') -> dict:
     "Read a JSON object from `path`; refuses pickle and names the file in every error"

@@ -23,11 +23,11 @@ from fastai.torch_core import TensorBase
 
 # %% auto #0
 __all__ = ['TEMP_MARK', 'IMAGE_EXTENSIONS', 'PADDING_MODES', 'MedicalImageError', 'current_umask', 'is_temp_file', 'atomic_path',
-           'atomic_write_bytes', 'remove_stale_temps', 'case_name', 'affine_spacing', 'affine_orientation', 'GridInfo',
-           'read_header', 'check_payload', 'check_nonfinite', 'load_volume', 'check_spacing', 'resampled_grid',
-           'ResampleToSpacing', 'geometry_transforms', 'check_overlap', 'overlap_in_voxels', 'padding_amounts',
-           'pad_volume', 'smallest_int_dtype', 'as_label_tensor', 'remap_labels', 'MedBase', 'MedImage', 'MedMask',
-           'write_nifti']
+           'atomic_write_bytes', 'atomic_write_text', 'remove_stale_temps', 'case_name', 'affine_spacing',
+           'affine_orientation', 'GridInfo', 'read_header', 'check_payload', 'check_nonfinite', 'load_volume',
+           'check_spacing', 'resampled_grid', 'ResampleToSpacing', 'geometry_transforms', 'check_overlap',
+           'overlap_in_voxels', 'padding_amounts', 'pad_volume', 'triple', 'plain_tensor', 'smallest_int_dtype',
+           'as_label_tensor', 'remap_labels', 'MedBase', 'MedImage', 'MedMask', 'write_nifti']
 
 # %% ../nbs/00_core.ipynb #f990ec11
 class MedicalImageError(ValueError):
@@ -69,6 +69,11 @@ def atomic_path(path, # final destination (its folder is created)
 def atomic_write_bytes(path, data: bytes) -> Path:
     "Write `data` to `path` atomically (see `atomic_path`)"
     with atomic_path(path) as tmp: tmp.write_bytes(data)
+    return Path(path)
+
+def atomic_write_text(path, text: str) -> Path:
+    "Write `text` (UTF-8) to `path` atomically (see `atomic_path`)"
+    with atomic_path(path) as tmp: tmp.write_text(text, encoding='utf-8')
     return Path(path)
 
 def _pid_alive(pid: int) -> bool:
@@ -436,6 +441,42 @@ def pad_volume(x: torch.Tensor, # (..., X, Y, Z) volume, e.g. (C, X, Y, Z)
     for c in range(flat.shape[0]): flat[c].fill_(fills[c] if len(fills) > 1 else fills[0])
     out[(..., *(slice(b, b + s) for s, (b, _) in zip(x.shape[-3:], pad)))] = x
     return out, pad
+
+# %% ../nbs/00_core.ipynb #e68679f6
+def triple(value, # a number (repeated on the 3 axes when `broadcast`), or 3 of them (sequence, array or tensor)
+           name: str, # named in errors
+           kind=None, # int or float: each value must be such a number (bool refused) and is converted to it
+           minimum=None, # each value must be at least this (greater when `strict`)
+           strict: bool = False,
+           broadcast: bool = True, # accept one number for all axes
+          ) -> tuple:
+    "`value` as a tuple of 3 values, one per spatial axis (X, Y, Z), validated"
+    what = f"{'one or ' if broadcast else ''}3 {'integers' if kind is int else 'numbers'} (X, Y, Z)"
+    if isinstance(value, torch.Tensor): value = value.tolist()
+    if isinstance(value, (str, bytes)): raise ValueError(f"{name} must be {what}; got {value!r}")
+    if isinstance(value, Number):
+        if not broadcast: raise ValueError(f"{name} must be a sequence of {what}; got the single number {value!r}")
+        vals = (value,) * 3
+    else:
+        try: vals = tuple(value)
+        except TypeError: raise ValueError(f"{name} must be {what}; got {value!r}") from None
+    if len(vals) != 3: raise ValueError(f"{name} must be {what}; got {len(vals)} values: {value!r}")
+    if kind is None: return vals
+    if not all(isinstance(v, Number) and not isinstance(v, (bool, np.bool_)) and (kind is float or isinstance(v, Integral)) for v in vals):
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+    vals = tuple(kind(v) for v in vals)
+    if minimum is not None and not all(math.isfinite(v) and (v > minimum if strict else v >= minimum) for v in vals):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum} along every axis; got {value!r}")
+    return vals
+
+def plain_tensor(x, # a tensor (any subclass) or a numpy array
+                 detach: bool = True, # False keeps the autograd graph (losses)
+                ) -> torch.Tensor:
+    "`x` as a plain `torch.Tensor`: fastai/MONAI subclasses dropped without copying, numpy arrays wrapped"
+    if isinstance(x, np.ndarray): x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor): raise TypeError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if type(x) is not torch.Tensor: x = x.as_subclass(torch.Tensor)
+    return x.detach() if detach else x
 
 # %% ../nbs/00_core.ipynb #060cba13
 def smallest_int_dtype(lo: int, hi: int) -> np.dtype:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from fastcore.meta import delegates
 
-from .core import atomic_path
+from .core import atomic_path, triple
 
 # %% auto #0
 __all__ = ['DEMO_CLASSES', 'DEMO_INTENSITIES', 'MARKER_THICKNESS_MM', 'LOCAL_VIEW_MM', 'DemoIntensities', 'make_demo_volume',
@@ -46,18 +46,6 @@ _MARGIN_MM = 2.0                  # minimum tissue between a lesion and the body
 def _is_number(v):
     "True for a real int or float (numpy included), False for bools and anything else."
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-def _check_triple(value, name, kind, minimum, strict=False):
-    "Return `value` as a tuple of three numbers of `kind`, all >= `minimum` (> if `strict`), or raise a clear error."
-    try: vals = tuple(value)
-    except TypeError: raise TypeError(f"{name} must be a sequence of 3 numbers, got {value!r}") from None
-    ok_type = all(_is_number(v) and (kind is float or isinstance(v, (int, np.integer))) for v in vals)
-    if len(vals) != 3 or not ok_type:
-        raise ValueError(f"{name} must be 3 {'integers' if kind is int else 'numbers'}, got {value!r}")
-    vals = tuple(kind(v) for v in vals)
-    if not all(math.isfinite(v) and (v > minimum if strict else v >= minimum) for v in vals):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum} along every axis, got {value!r}")
-    return vals
 
 def _check_range(value, name, kind, minimum):
     "Return `value` as an inclusive `(low, high)` pair of `kind` with `minimum <= low <= high`."
@@ -91,8 +79,8 @@ def _min_fov(lesion_radius, marker_distance):
 def _volume_args(shape, spacing, orientation, seed, n_lesions, lesion_radius, marker_distance, noise_std,
                  bias_strength):
     "Validate and normalise the arguments of `make_demo_volume`, including the room the phantom needs."
-    shape = _check_triple(shape, 'shape', int, 1)
-    spacing = _check_triple(spacing, 'spacing', float, 0, strict=True)
+    shape = triple(shape, 'shape', int, 1, broadcast=False)
+    spacing = triple(spacing, 'spacing', float, 0, strict=True, broadcast=False)
     orientation = _check_orientation(orientation)
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import store_attr, patch
 
-from .core import overlap_in_voxels
+from .core import overlap_in_voxels, triple
 from .config import AGGREGATION_MODES
 
 # %% auto #0
@@ -24,21 +24,11 @@ WINDOW_MODES = AGGREGATION_MODES  # the one constant (patchfm.config), named for
 
 def _is_int(v) -> bool: return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
-def _triple(value, name:str) -> tuple:
-    "`value` as 3 items: a scalar is repeated, a sequence must have length 3."
-    if isinstance(value, torch.Tensor): value = value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, numbers.Number)) and not hasattr(value, '__len__'):
-        raise ValueError(f"{name} must be a number or a sequence of 3 numbers (X, Y, Z); got {value!r}")
-    if isinstance(value, numbers.Number): return (value,)*3
-    value = tuple(value)
-    if len(value) != 3: raise ValueError(f"{name} must have 3 values (X, Y, Z); got {len(value)}: {value!r}")
-    return value
-
 def _sizes(value, name:str, broadcast:bool=True) -> tuple[int, int, int]:
     "Validate 3 positive integer sizes named `name` (an int is repeated on all axes when `broadcast`)."
     if _is_int(value) and not broadcast:
         raise ValueError(f"{name} must be 3 spatial sizes (X, Y, Z); got the single number {value!r}")
-    vals = _triple(value, name)
+    vals = triple(value, name)
     if not all(_is_int(v) and v > 0 for v in vals):
         raise ValueError(f"{name} must be positive integers (X, Y, Z); got {vals!r}")
     return tuple(int(v) for v in vals)

@@ -11,15 +11,13 @@ import torch
 from torch import nn
 from monai.losses import DiceCELoss
 
+from .core import plain_tensor
+
 # %% auto #0
 __all__ = ['CustomLoss', 'default_loss']
 
 # %% ../nbs/05_losses.ipynb #ca0af4bb
 _ACTIVATIONS = ('auto', 'softmax', 'sigmoid', 'none')
-
-def _plain(x):
-    "`x` as a plain `torch.Tensor` (drops fastai/MONAI tensor subclasses without copying)."
-    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
 def _loss_flags(loss_func) -> dict:
     "Activation and target flags set on `loss_func` or any of its sub-modules (MONAI naming)."
@@ -86,7 +84,7 @@ class CustomLoss:
         if t is not None and t.device != device: self.loss_func.to(device)
 
     def __call__(self, pred:torch.Tensor, targ:torch.Tensor) -> torch.Tensor:
-        pred,targ = _plain(pred),_plain(targ)
+        pred,targ = (plain_tensor(t, detach=False) if isinstance(t, torch.Tensor) else t for t in (pred, targ))
         targ = self.prepare_target(pred, targ)
         self._sync_device(pred.device)
         if self.reduction == 'none': return torch.stack([self.loss_func(pred[i:i+1], targ[i:i+1]) for i in range(len(pred))])

@@ -17,7 +17,7 @@ from fastcore.basics import store_attr
 from fastcore.parallel import parallel
 from fastai.learner import Metric
 from monai.metrics import compute_hausdorff_distance, compute_confusion_matrix_metric
-from .core import load_volume, MedicalImageError
+from .core import load_volume, MedicalImageError, plain_tensor
 
 # %% auto #0
 __all__ = ['METRIC_COLUMNS', 'confusion_matrix', 'dice_from_confusion', 'AccumulatedDice', 'calculate_dsc', 'calculate_haus',
@@ -25,12 +25,6 @@ __all__ = ['METRIC_COLUMNS', 'confusion_matrix', 'dice_from_confusion', 'Accumul
            'multiclass_metrics', 'evaluate']
 
 # %% ../nbs/06_metrics.ipynb #bd1717b7
-def _plain(x):
-    "`x` as a plain, detached `torch.Tensor` (drops fastai/MONAI tensor subclasses; numpy arrays are wrapped)."
-    if isinstance(x, np.ndarray): x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor): raise TypeError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
-    return (x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x).detach()
-
 def _check_int(name, v, lo=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -72,7 +66,7 @@ class AccumulatedDice(Metric):
     def pred_labels(self, pred:torch.Tensor) -> torch.Tensor:
         "Logits (B,C,...) -> labels (B,...): sigmoid threshold for one channel, argmax otherwise."
         if isinstance(pred, (list, tuple)): pred = pred[0]  # deep supervision: full-resolution head
-        pred = _plain(pred)
+        pred = plain_tensor(pred)
         n_ch = pred.shape[1]
         if n_ch == 1:
             if self.n_classes > 2:
@@ -86,7 +80,7 @@ class AccumulatedDice(Metric):
 
     def targ_labels(self, targ:torch.Tensor, shape:tuple) -> torch.Tensor:
         "Target (B,1,...), (B,...) or one-hot (B,C,...) -> labels (B,...) checked against `shape`."
-        targ = _plain(targ)
+        targ = plain_tensor(targ)
         if targ.ndim == len(shape) + 1:
             n_t = targ.shape[1]
             if n_t == 1: targ = targ[:, 0]
@@ -135,7 +129,7 @@ def _as_binary(x, name:str) -> torch.Tensor:
 
 def _binary_pair(pred, targ) -> tuple:
     "Checked bool tensors (B,C,*spatial) from `pred` and `targ`."
-    p,t = _plain(pred),_plain(targ)
+    p,t = plain_tensor(pred),plain_tensor(targ)
     if tuple(p.shape) != tuple(t.shape):
         raise ValueError(f"pred and targ must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
     if p.ndim not in (4, 5):
@@ -236,10 +230,10 @@ METRIC_COLUMNS = ('DSC', 'HD95', 'Sens', 'Precision', 'LDR', 'RVE')
 
 def _label_map(x, name:str) -> torch.Tensor:
     "A single case label map as an integer (X,Y,Z) tensor."
-    x = _plain(x)
+    x = plain_tensor(x)
     while x.ndim > 3 and x.shape[0] == 1: x = x[0]
     if x.ndim not in (2, 3):
-        raise ValueError(f"{name} must be one label map shaped (X,Y,Z), (1,X,Y,Z) or (1,1,X,Y,Z), got {tuple(_plain(x).shape)}")
+        raise ValueError(f"{name} must be one label map shaped (X,Y,Z), (1,X,Y,Z) or (1,1,X,Y,Z), got {tuple(plain_tensor(x).shape)}")
     if x.is_floating_point():
         if not torch.equal(x, x.round()): raise ValueError(f"{name} must hold integer labels, found non-integer values")
         x = x.round()

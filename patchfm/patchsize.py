@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from fastai.learner import Learner
 
 from .config import PatchConfig
-from .core import MedMask, case_name, read_header
+from .core import MedMask, case_name, read_header, triple
 from .sampling import size_choices
 from .inference import patch_inference
 from fastcore.meta import delegates
@@ -32,14 +32,6 @@ __all__ = ['augmented_config', 'check_patch_sizes', 'hyper_learner', 'evaluate_p
            'plot_patch_sizes']
 
 # %% ../nbs/10_patchsize.ipynb #d9f60c3d
-def _triple(name: str, v) -> tuple:
-    vals = [v] * 3 if isinstance(v, Integral) else v
-    try: vals = list(vals)
-    except TypeError: raise ValueError(f"{name} must be an integer or 3 integers (one per axis), got {v!r}") from None
-    if len(vals) != 3 or any(isinstance(x, bool) or not isinstance(x, Integral) or x < 1 for x in vals):
-        raise ValueError(f"{name} must be an integer >= 1 or 3 of them (one per axis), got {v!r}")
-    return tuple(int(x) for x in vals)
-
 def augmented_config(config: PatchConfig, # the fixed-size ("FP") config; its patch_size stays the validation size
                      lo, # smallest training patch size: one integer for all axes, or 3
                      hi, # largest training patch size (included): one integer, or 3
@@ -47,7 +39,7 @@ def augmented_config(config: PatchConfig, # the fixed-size ("FP") config; its pa
                     ) -> PatchConfig:
     "The AP config: `config` with patch-size augmentation over the sizes `lo, lo+step, ..., hi` of each axis"
     if not isinstance(config, PatchConfig): raise TypeError(f"config must be a PatchConfig, got {type(config).__name__}")
-    lo, hi, step = _triple('lo', lo), _triple('hi', hi), _triple('step', step)
+    lo, hi, step = triple(lo, 'lo', int, 1), triple(hi, 'hi', int, 1), triple(step, 'step', int, 1)
     for a, (l, h, s) in enumerate(zip(lo, hi, step)):
         if h < l: raise ValueError(f"hi must be >= lo, got lo={l}, hi={h} on axis {a}")
         if (h - l) % s: raise ValueError(f"hi={h} is not reached from lo={l} in steps of {s} on axis {a}: "
@@ -138,7 +130,7 @@ def _sizes(sizes, config: PatchConfig) -> list:
     if isinstance(sizes, Integral): sizes = [sizes]
     out = []
     for s in sizes:
-        try: out.append(_triple('sizes', s))
+        try: out.append(triple(s, 'sizes', int, 1))
         except ValueError: raise ValueError(f"sizes: each size must be an integer >= 1 or 3 of them, got {s!r} in {sizes!r}") from None
     if not out: raise ValueError("sizes: no size to evaluate")
     return out

@@ -21,7 +21,7 @@ from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 
 from .config import PatchConfig
-from .core import overlap_in_voxels
+from .core import overlap_in_voxels, plain_tensor
 from .dataset import pipeline_grid
 from .data import PatchDataLoader
 from .subjects import PatchSubjects, check_subjects
@@ -45,8 +45,7 @@ def _plain(t) -> torch.Tensor:
     if isinstance(t, (list, tuple, dict)):
         raise TypeError(f"patch performance needs the prediction and target as single tensors, got a "
                         f"{type(t).__name__} (e.g. deep-supervision outputs): measure the final output only")
-    t = torch.as_tensor(t).detach()
-    return t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor)
+    return plain_tensor(torch.as_tensor(t))
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()

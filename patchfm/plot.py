@@ -12,6 +12,8 @@ from matplotlib.figure import Figure
 from matplotlib.colors import ListedColormap
 from matplotlib import colormaps
 
+from .core import plain_tensor
+
 # %% auto #0
 __all__ = ['PLANES', 'foreground_slice', 'foreground_center', 'label_cmap', 'draw_slice', 'draw_three_planes',
            'show_three_planes', 'plot_volume_grid', 'show_segmentation_comparison', 'show_patches', 'plot_metric_curve',
@@ -21,8 +23,7 @@ __all__ = ['PLANES', 'foreground_slice', 'foreground_center', 'label_cmap', 'dra
 PLANES = ('sagittal', 'coronal', 'axial')
 
 def _plain_array(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor): return x.as_subclass(torch.Tensor).detach().cpu().numpy()
-    return np.asarray(x)
+    return plain_tensor(x).cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 def _volume(x, name:str, spacing=None) -> tuple:
     "(C,X,Y,Z) numpy array and spacing (argument > the object's own `spacing` > 1 mm) from a volume-like `x`."

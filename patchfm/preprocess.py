@@ -15,8 +15,8 @@ import torch
 import torchio as tio
 from torchio.transforms.augmentation import RandomTransform
 
-from .core import MedicalImageError, GridInfo, load_volume, as_label_tensor, atomic_path, remap_labels
-from .config import PatchConfig, PadToPatch, atomic_write_text, transform_to_spec
+from .core import atomic_write_text, MedicalImageError, GridInfo, load_volume, as_label_tensor, atomic_path, remap_labels
+from .config import PatchConfig, PadToPatch, transform_to_spec
 
 # %% auto #0
 __all__ = ['check_grid', 'preprocess_subject', 'flip_axes', 'random_transforms', 'labels_present', 'cache_key', 'cached_subject']

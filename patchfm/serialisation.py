@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import SafetensorError
 
-from .core import atomic_path
-from .config import PatchConfig, atomic_write_text, read_json, string_arguments, transform_from_spec, transform_to_spec
+from .core import atomic_write_text, atomic_path
+from .config import PatchConfig, read_json, string_arguments, transform_from_spec, transform_to_spec
 from .runtime import library_versions
 from .models import unwrap_model
 

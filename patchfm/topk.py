@@ -18,13 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 from fastcore.basics import store_attr
+from fastcore.meta import delegates
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner, Metric
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 
 from .config import PatchConfig
-from .core import write_nifti, MedMask
+from .core import case_name, write_nifti, MedMask
 from .regrid import is_exact_regrid, restore_to_original
 from .preprocess import preprocess_subject
 from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs_to_labels
@@ -435,6 +436,7 @@ def volume_dataloaders(
     return dls
 
 # %% ../nbs/16_topk.ipynb #f6eb33a3
+@delegates(Learner)
 def topk_learner(
     dls:DataLoaders, # From `volume_dataloaders` (or any loaders of (B, C, X, Y, Z) volumes and (B, 1, X, Y, Z) labels)
     n_classes:int|None=None, # Classes including background (default: `dls.n_classes`)
@@ -499,11 +501,7 @@ def predict_topk(
 
 # %% ../nbs/16_topk.ipynb #cdd97a10
 def _out_path(save_dir, path, suffix):
-    p = Path(path[0] if isinstance(path, (list, tuple)) else path)
-    name = p.name
-    for ext in ('.nii.gz', '.nii', '.nrrd', '.mha', '.mhd'):
-        if name.lower().endswith(ext): name = name[:-len(ext)]; break
-    return Path(save_dir) / f"{name}{suffix}.nii.gz"
+    return Path(save_dir) / f"{case_name(path)}{suffix}.nii.gz"
 
 def topk_inference(
     learner, # Learner from `topk_learner` (or a `TopKSegmenter`)

@@ -37,14 +37,14 @@ __all__ = ['MAX_PARAM_LENGTH', 'param_value', 'learner_params', 'flatten_metric'
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a parameter value
 _FIT_ARGS_SKIPPED = ('self', 'cbs')
 
-def _plain(v):
+def _json_value(v):
     "A JSON-able version of `v` (numbers, strings, lists, dicts; reprs for the rest)"
     if isinstance(v, torch.Tensor): v = v.detach().cpu().numpy()
     if isinstance(v, np.ndarray): v = v.tolist()
     if isinstance(v, np.generic): v = v.item()
-    if isinstance(v, slice): return f"slice({_plain(v.start)!r}, {_plain(v.stop)!r})"
-    if isinstance(v, (list, tuple)): return [_plain(x) for x in v]
-    if isinstance(v, dict): return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, slice): return f"slice({_json_value(v.start)!r}, {_json_value(v.stop)!r})"
+    if isinstance(v, (list, tuple)): return [_json_value(x) for x in v]
+    if isinstance(v, dict): return {str(k): _json_value(x) for k, x in v.items()}
     if v is None or isinstance(v, (bool, int, float, str)): return v
     return _compact(repr(v))
 
@@ -52,12 +52,12 @@ def _compact(s: str) -> str: return ' '.join(str(s).split())
 
 def param_value(v) -> str:
     "`v` as an MLflow parameter string (JSON for containers), cut to `MAX_PARAM_LENGTH`"
-    v = _plain(v)
+    v = _json_value(v)
     s = v if isinstance(v, str) else json.dumps(v)
     return s if len(s) <= MAX_PARAM_LENGTH else s[:MAX_PARAM_LENGTH - 3] + '...'
 
 def _one_or_list(vals):
-    vals = [_plain(v) for v in vals]
+    vals = [_json_value(v) for v in vals]
     return vals[0] if len(vals) and all(v == vals[0] for v in vals) else vals
 
 def _name(f) -> str:
@@ -82,7 +82,7 @@ def _model_params(model, model_kwargs=None) -> dict:
 
 def _sampled(f, n=201) -> np.ndarray:
     "Values of the schedule `f` at `n` points of training progress, shaped (n, param groups)"
-    return np.stack([np.atleast_1d(np.asarray(_plain(f(p)), dtype=float)) for p in np.linspace(0, 1, n)])
+    return np.stack([np.atleast_1d(np.asarray(_json_value(f(p)), dtype=float)) for p in np.linspace(0, 1, n)])
 
 def _optim_params(learn) -> dict:
     out = dict(loss=_compact(repr(learn.loss_func)), loss_class=type(learn.loss_func).__name__,
@@ -176,7 +176,7 @@ def learner_params(learn, # a fastai Learner (ideally inside a fit, for the sche
     for g in groups:
         try: out.update(g())
         except Exception as e: out.setdefault('params_errors', []).append(_compact(f"{type(e).__name__}: {e}"))
-    return {k: _plain(v) for k, v in out.items()}
+    return {k: _json_value(v) for k, v in out.items()}
 
 # %% ../nbs/12_tracking.ipynb #c5243fc0
 def flatten_metric(name: str, # metric name as fastai's Recorder shows it
@@ -365,7 +365,7 @@ class MLflowCallback(Callback):
         self._experiment_id = self._call('connect to the store', self._connect)
         if self._experiment_id is None: return
         params = learner_params(self.learn, self.patch_config, self.pre_patch_tfms, self.model_kwargs)
-        params.update({str(k): _plain(v) for k, v in self.extra_params.items()})
+        params.update({str(k): _json_value(v) for k, v in self.extra_params.items()})
         run = self._call('create the run', self._create_run, params)
         if run is None: return
         self.run_id = run.info.run_id
@@ -424,7 +424,7 @@ class MLflowCallback(Callback):
         "Log a `save_model` folder with the current weights, or with `state` when given"
         with tempfile.TemporaryDirectory(prefix='patchfm-mlflow-') as d:
             p = Path(d) / folder
-            extra = dict(run_id=self.run_id, weights=folder, monitor=self.monitor, best=_plain(self._best), best_epoch=self._best_epoch)
+            extra = dict(run_id=self.run_id, weights=folder, monitor=self.monitor, best=_json_value(self._best), best_epoch=self._best_epoch)
             try: save_model(self.learn, p, config=self._config(), pre_patch_tfms=self._pre_tfms(), model_kwargs=self.model_kwargs, extra=extra)
             except (ValueError, TypeError) as e:
                 warnings.warn(f"the logged weights cannot be rebuilt by load_model_from_run ({_compact(e)}); only model.safetensors "

@@ -7,7 +7,8 @@ import nibabel as nib, numpy as np, pandas as pd, pytest, torch, torchio as tio
 
 from patchfm.core import (MedicalImageError, MedImage, MedMask, TEMP_MARK, atomic_path, case_name, check_payload,
                           load_volume, read_header, remap_labels, remove_stale_temps, write_nifti)
-from patchfm.config import PatchConfig, atomic_write_text, transform_from_spec
+from patchfm.config import PatchConfig, transform_from_spec
+from patchfm.core import atomic_write_text
 from patchfm.dataset import MedDataset
 from patchfm.inference import patch_inference
 from patchfm.learner import patch_learner
