@@ -94,13 +94,14 @@ TASKS = {  # case folder of fetch.sh, labels merged into the foreground (None: e
 DEFAULT_TASKS = ['ct_organs', 'mr_organs', 'cta_heart']
 
 # inference variants run on each trained model (no retraining): name -> patch_inference keywords
-VARIANTS = {'base': {}, 'tta_x': dict(tta=[(), (2,)]), 'lcc': dict(keep_largest=True), 'tta_none': dict(tta=None)}
+VARIANTS = {'base': {}, 'tta_x': dict(tta=[(), (2,)]), 'lcc': dict(keep_largest=True), 'no_pp': dict(keep_largest=False),
+            'tta_none': dict(tta=None)}
 
 # patchfm factors an ablation can switch (worker side): name -> (default, meaning)
 PATCHFM_FACTORS = {
     'tta': ('default', "patch_inference tta: 'default' (the library's), 'none', 'x' (the flip the protocol trains with), 'all'"),
     'padding': ('default', "PatchConfig.padding_mode: 'default' (the library's), a number, 'minimum', 'edge', ..."),
-    'keep_largest': ('default', "patch_inference keep_largest: 'default', 'true', 'false'"),
+    'keep_largest': ('default', "patch_inference keep_largest: 'default', 'auto', 'true', 'false'"),
     'aug_affine': ('world', "patch augmentation frame: 'world' (patch affine) or 'identity' (fastMONAI: 1 mm voxels)"),
     'valid_tiles': ('default', "MedPatchDataLoaders.from_df valid_tiles: 'default', 'true' (validation tiles whole volumes), 'false' (sampled patches)"),
     'probs': ('0.3,0.7', "label_probabilities of background and foreground"),
@@ -214,13 +215,14 @@ def worker_patchfm(args, files, out: Path) -> str:
     dls.release()
     kw = {}
     if f['tta'] != 'default': kw['tta'] = {'none': None, 'x': [(), (2,)], 'auto': 'auto', 'all': 'all'}[f['tta']]
-    if f['keep_largest'] != 'default': kw['keep_largest'] = f['keep_largest'] == 'true'
+    if f['keep_largest'] != 'default': kw['keep_largest'] = 'auto' if f['keep_largest'] == 'auto' else f['keep_largest'] == 'true'
     preds = {}
     for v in args.variants:  # inference variants of the same trained model
         kv = dict(kw, **VARIANTS[v]); d = out / v
         res = patch_inference(learn, cfg, [files['test_image']], pre_inference_tfms=pre, save_dir=str(d), progress=False, **kv)
         if res.failed: raise RuntimeError(str(res.failed))
         preds[v] = str(res.paths[0])
+        print(f"{v}: largest component kept for classes {res.keep_largest}", file=sys.stderr, flush=True)
     return preds
 
 def worker_fastmonai(args, files, out: Path) -> str:

@@ -204,9 +204,11 @@ def cmd_predict(args) -> int:
     if torch.cuda.is_available() and os.environ.get('LOCAL_RANK'):  # one GPU per process under torchrun / accelerate
         device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     saved = load_model(args.model, device=device)
-    res = patch_inference(saved.model, saved.config, args.input, pre_inference_tfms=saved.pre_patch_tfms,
-                          save_dir=args.output, progress=not args.quiet and _is_tty(), return_predictions=False,
-                          overwrite=args.overwrite, tta=True if args.tta else None, num_parts=args.num_parts, part_id=args.part_id)
+    tta = {'auto': 'auto', 'none': None, 'each': True, 'all': 'all'}[args.tta]
+    keep = None if args.keep_largest is None else {'auto': 'auto', 'true': True, 'false': False}[args.keep_largest]
+    res = patch_inference(saved, saved.config, args.input, save_dir=args.output, progress=not args.quiet and _is_tty(),
+                          return_predictions=False, overwrite=args.overwrite, tta=tta, keep_largest=keep,
+                          num_parts=args.num_parts, part_id=args.part_id)
     for p in res.paths: print(p)
     for f, e in res.failed.items(): print(f"FAILED {e}", file=sys.stderr)
     return 1 if res.failed else 0
@@ -382,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser('predict', help='run a saved model (save_model folder) on new files')
     r.add_argument('--model', required=True); r.add_argument('--input', nargs='+', required=True)
     r.add_argument('--output', required=True); r.add_argument('--overwrite', action='store_true')
-    r.add_argument('--tta', action='store_true', help='average the flips of each axis')
+    r.add_argument('--tta', nargs='?', const='each', default='auto', choices=('auto', 'none', 'each', 'all'),
+                   help="test-time mirroring: auto (the flips the model was trained with, stored by save_model; default), none, "
+                        "each (each axis; also a bare --tta), all (8 flips)")
+    r.add_argument('--keep-largest', default=None, choices=('auto', 'true', 'false'),
+                   help="keep only each label's largest component: auto (the classes chosen on validation when the model was saved), "
+                        "true, false (default: the saved config's keep_largest_component)")
     r.add_argument('--quiet', action='store_true')
     r.add_argument('--num-parts', type=int, default=None, help='split the inputs into N parts and predict one (default: the torchrun world size, else 1)')
     r.add_argument('--part-id', type=int, default=None, help='the part to predict: inputs i, i+N, i+2N, ... (default: the torchrun rank)')

@@ -104,7 +104,7 @@ class PatchConfig:
     patch_overlap: float | int | tuple = 0.5  # inference overlap: fraction in [0,1) or voxels (< patch)
     aggregation_mode: str = 'hann'  # 'hann', 'gaussian', 'average' or 'crop'
     padding_mode: float | int | str = 0  # padding of images smaller than the patch: a number or a numpy mode
-    keep_largest_component: bool = False  # keep only the largest connected component of each label after inference
+    keep_largest_component: bool | str = 'auto'  # keep only each label's largest connected component after inference: True, False, or 'auto' (the classes where it helps on validation, `choose_postprocessing`)
     target_spacing: tuple | None = None  # resample to this spacing (mm) or keep each file's
     apply_reorder: bool = True  # reorient every volume to RAS+
     patch_size_range: tuple | None = None  # patch-size augmentation: (lo, hi, step) for all axes or per axis
@@ -131,8 +131,9 @@ class PatchConfig:
         pm = self.padding_mode
         if isinstance(pm, bool) or not (isinstance(pm, Real) or pm in PADDING_MODES):
             raise _err('padding_mode', f"must be a number or one of {PADDING_MODES}, got {pm!r}")
-        for k in ('keep_largest_component', 'apply_reorder'):
-            if not isinstance(getattr(self, k), (bool, np.bool_)): raise _err(k, f"must be True or False, got {getattr(self, k)!r}")
+        if not (isinstance(self.keep_largest_component, (bool, np.bool_)) or isinstance(self.keep_largest_component, str) and self.keep_largest_component == 'auto'):
+            raise _err('keep_largest_component', f"must be True, False or 'auto', got {self.keep_largest_component!r}")
+        if not isinstance(self.apply_reorder, (bool, np.bool_)): raise _err('apply_reorder', f"must be True or False, got {self.apply_reorder!r}")
         try: sp = check_spacing(self.target_spacing)
         except ValueError as e: raise _err('target_spacing', str(e).replace('target_spacing ', '')) from None
         s('target_spacing', sp)

@@ -7,7 +7,8 @@ Docs: https://patchfm.github.io/patchfm/inference.html.md"""
 
 # %% ../nbs/08_inference.ipynb #9e3c6bbe
 from __future__ import annotations
-import itertools, os, time, warnings
+import hashlib, itertools, os, time, warnings
+from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,8 +32,9 @@ from .models import learner_model, model_forward, unwrap_model
 
 # %% auto #0
 __all__ = ['default_activation', 'preprocess_for_inference', 'predict_volume', 'keep_largest_component',
-           'probabilities_to_original', 'InferenceResults', 'check_model_fits', 'tta_flips', 'default_part',
-           'file_part', 'patch_inference']
+           'probabilities_to_original', 'InferenceResults', 'check_model_fits', 'tta_flips', 'PostprocessChoice',
+           'choose_keep_largest', 'validation_cases', 'weights_fingerprint', 'choose_postprocessing',
+           'keep_largest_classes', 'default_part', 'file_part', 'patch_inference']
 
 # %% ../nbs/08_inference.ipynb #d3e03e61
 def _device_of(model) -> torch.device:
@@ -106,16 +108,19 @@ def predict_volume(model: torch.nn.Module, # network (eval mode is set here)
     return crop_padding(agg.result(), pad)
 
 # %% ../nbs/08_inference.ipynb #94743dc9
-def keep_largest_component(labels: torch.Tensor) -> torch.Tensor:
-    "Keep, for each foreground label, only its largest 26-connected component"
+def keep_largest_component(labels: torch.Tensor, # label map (X,Y,Z)
+                           classes=None, # the labels to clean (default: every foreground label); other labels are kept whole
+                          ) -> torch.Tensor:
+    "Keep, for each chosen foreground label, only its largest 26-connected component"
     arr = labels.cpu().numpy()
-    out = np.zeros_like(arr)
+    out = arr.copy()
+    chosen = None if classes is None else {int(c) for c in classes}
     for lab in np.unique(arr):
-        if lab == 0: continue
+        if lab == 0 or (chosen is not None and int(lab) not in chosen): continue
         cc, n = ndimage.label(arr == lab, structure=np.ones((3, 3, 3)))
-        if n == 0: continue
+        if n <= 1: continue
         sizes = np.bincount(cc.ravel()); sizes[0] = 0
-        out[cc == sizes.argmax()] = lab
+        out[(cc > 0) & (cc != sizes.argmax())] = 0
     return torch.as_tensor(out, device=labels.device)
 
 def probabilities_to_original(probs: torch.Tensor, # (C,X,Y,Z) probabilities on the preprocessed grid
@@ -131,12 +136,13 @@ def probabilities_to_original(probs: torch.Tensor, # (C,X,Y,Z) probabilities on 
 class InferenceResults(list):
     """Predictions in file order (None for a file that failed, or that another part predicts); `.failed` maps each failed
     file to its error, `.paths` lists written (or reused) files, `.outputs` gives each input's output file in input
-    order (None: failed, not saved, or in another part); `.part` is the `(num_parts, part_id)` predicted"""
+    order (None: failed, not saved, or in another part); `.part` is the `(num_parts, part_id)` predicted; `.keep_largest`
+    the classes cleaned to their largest component (True: every label)"""
     def __init__(self, items=(), failed=None, paths=None, timings=None, outputs=None):
         super().__init__(items)
         self.failed, self.paths, self.timings = failed or {}, paths or [], timings or []
         self.outputs = outputs if outputs is not None else [None] * len(self)
-        self.part = (1, 0)
+        self.part, self.keep_largest = (1, 0), ()
 
 def _read_on_one_thread(path, config, tfms) -> tuple:
     "`preprocess_for_inference` for the background reader, its PyTorch ops on one OpenMP thread"
@@ -199,8 +205,126 @@ def tta_flips(learner, # a fastai Learner (its `dls.patch_tfms` tell which flips
               config: PatchConfig, # the training config (`apply_reorder` resolves anatomical axis names)
              ) -> list:
     "Flip sets for `tta='auto'`: every combination of the axes the training's `RandomFlip` could mirror, as dims of a (B,C,X,Y,Z) batch"
+    stored = getattr(learner, 'inference_choices', None) or {}  # a `SavedModel` keeps the flips of its training
+    if stored.get('tta') is not None: return [tuple(int(d) for d in f) for f in stored['tta']]
     axes = flip_axes(getattr(getattr(learner, 'dls', None), 'patch_tfms', None), config.apply_reorder)
     return [tuple(a + 2 for a in c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+# %% ../nbs/08_inference.ipynb #336c37c7
+@dataclass(frozen=True)
+class PostprocessChoice:
+    "The classes `choose_keep_largest` cleans, with the mean validation Dice of every class without and with cleaning"
+    keep_largest: tuple # classes whose largest connected component alone is kept
+    dice_before: dict = field(default_factory=dict) # class -> mean validation Dice as predicted
+    dice_after: dict = field(default_factory=dict) # class -> mean validation Dice with the largest component only
+    n_cases: int = 0 # validation cases the choice was made on
+    key: str = '' # the weights and mirroring it was made for (see `choose_postprocessing`)
+
+def _class_dice(pred: np.ndarray, truth: np.ndarray, c: int) -> float | None:
+    p, t = pred == c, truth == c
+    n = int(p.sum()) + int(t.sum())
+    return None if n == 0 else 2 * int((p & t).sum()) / n
+
+def _one_piece(mask: np.ndarray) -> bool: return ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] <= 1
+
+def _as_array(x) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return a.reshape(a.shape[-3:]) if a.ndim > 3 else a
+
+def choose_keep_largest(cases, # (predicted labels, true labels) pairs, each pair on one (X,Y,Z) grid
+                        classes=None, # the classes to decide on (default: every foreground class seen)
+                        tol: float = 1e-6, # Dice changes within this are "no change"
+                       ) -> PostprocessChoice:
+    "Classes whose largest component alone does not lower the mean validation Dice (if it changes nothing: classes one piece in every label)"
+    pairs = [(_as_array(p), _as_array(t)) for p, t in cases]
+    for k, (p, t) in enumerate(pairs):
+        if p.shape != t.shape: raise ValueError(f"choose_keep_largest: case {k}: prediction {p.shape} and label {t.shape} differ in shape")
+    if classes is None: classes = sorted({int(c) for p, t in pairs for c in np.union1d(np.unique(p), np.unique(t)) if c != 0})
+    keep, before, after = [], {}, {}
+    for c in classes:
+        b, a, pieces = [], [], []
+        for p, t in pairs:
+            d = _class_dice(p, t, c)
+            if d is None: continue
+            b.append(d); a.append(_class_dice(keep_largest_component(torch.as_tensor(p), [c]).numpy(), t, c))
+            if (t == c).any(): pieces.append(_one_piece(t == c))
+        if not b: continue
+        before[c], after[c] = float(np.mean(b)), float(np.mean(a))
+        if after[c] > before[c] + tol or (abs(after[c] - before[c]) <= tol and pieces and all(pieces)): keep.append(c)
+    return PostprocessChoice(tuple(keep), before, after, len(pairs))
+
+# %% ../nbs/08_inference.ipynb #9754f0c7
+def validation_cases(learner) -> list:
+    "(image, mask) paths of the learner's validation subjects (`dls.valid.subjects_dataset`); [] when there are none"
+    dl = getattr(getattr(learner, 'dls', None), 'valid', None)
+    sd = getattr(dl, 'subjects_dataset', None)
+    if sd is None: return []
+    if hasattr(sd, 'images') and hasattr(sd, 'masks'): return [(im if len(im) > 1 else im[0], m) for im, m in zip(sd.images, sd.masks)]
+    return [(s['image'].path, s['mask'].path) for s in sd]
+
+def weights_fingerprint(model) -> str:
+    "SHA-1 of a network's weights (any change of any weight changes it)"
+    h = hashlib.sha1()
+    for k, v in unwrap_model(model).state_dict().items():
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def choose_postprocessing(learner, # a fastai Learner whose loaders know validation subjects with masks
+                          config: PatchConfig | None = None, # default: the loaders' `patch_config`
+                          cases=None, # (image, mask) path pairs to decide on (default: `validation_cases(learner)`)
+                          pre_inference_tfms=None, # default: the loaders' `pre_patch_tfms`
+                          tta='auto', # mirroring, as `patch_inference` will use it
+                          batch_size: int = 4, # patches per forward pass
+                          threshold: float = 0.5, # for one-channel models
+                          amp=None, # mixed precision (default: on CUDA)
+                          max_cases: int | None = 20, # decide on at most this many cases
+                         ) -> PostprocessChoice | None:
+    "Predict the validation cases as `patch_inference` would and choose the classes to clean (`choose_keep_largest`); None without cases"
+    config = config if config is not None else getattr(getattr(learner, 'dls', None), 'patch_config', None)
+    if not isinstance(config, PatchConfig): raise TypeError("choose_postprocessing needs a PatchConfig: pass config=")
+    explicit = cases is not None
+    cases = list(cases if explicit else validation_cases(learner))[:max_cases]
+    if not cases: return None
+    model = learner_model(learner)
+    if isinstance(tta, str) and tta == 'auto': tta = tta_flips(learner, config)
+    key = f"{weights_fingerprint(model)}|{tta!r}|{config!r}"
+    cached = learner.__dict__.get('postprocessing') if hasattr(learner, '__dict__') else None
+    if not explicit and isinstance(cached, PostprocessChoice) and cached.key == key: return cached
+    if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)
+    act, pairs = default_activation(learner), []
+    with cpu_heap_cache(model=model):
+        for img, msk in cases:
+            v = preprocess_subject(img, config, pre_inference_tfms, mask=msk, pad=False)  # the loaders' own preprocessing
+            probs = predict_volume(model, v['image'], config.patch_size, config.overlap_voxels, config.aggregation_mode,
+                                   batch_size, act, tta, config.padding_mode, amp)
+            pairs.append((probs_to_labels(probs, threshold).cpu(), v['mask'][0]))
+    choice = choose_keep_largest(pairs)
+    choice = PostprocessChoice(choice.keep_largest, choice.dice_before, choice.dice_after, choice.n_cases, key)
+    if not explicit and not isinstance(learner, torch.nn.Module):
+        try: learner.postprocessing = choice
+        except AttributeError: pass
+    return choice
+
+def keep_largest_classes(learner, # the learner (or `SavedModel`, or module) being run
+                         config: PatchConfig, # the training config
+                         keep_largest=None, # None: `config.keep_largest_component`; True, False, 'auto' or a list of classes
+                         choose: bool = True, # with 'auto', predict the validation cases when no choice is known yet
+                         **kwargs, # passed to `choose_postprocessing`
+                        ) -> tuple | bool:
+    "What to clean: True (every label), or a tuple of classes (empty: nothing)"
+    v = config.keep_largest_component if keep_largest is None else keep_largest
+    if isinstance(v, (bool, np.bool_)): return bool(v)
+    if not isinstance(v, str):
+        try: return tuple(int(c) for c in v)
+        except (TypeError, ValueError): raise ValueError(f"keep_largest must be None, True, False, 'auto' or a list of classes, got {v!r}") from None
+    if v != 'auto': raise ValueError(f"keep_largest must be None, True, False, 'auto' or a list of classes, got {v!r}")
+    stored = getattr(learner, 'inference_choices', None) or {}  # a `SavedModel`
+    if stored.get('keep_largest') is not None: return tuple(int(c) for c in stored['keep_largest'])
+    if not choose:
+        cached = getattr(learner, 'postprocessing', None)
+        return cached.keep_largest if isinstance(cached, PostprocessChoice) else ()
+    choice = choose_postprocessing(learner, config, **kwargs)
+    return () if choice is None else choice.keep_largest
 
 # %% ../nbs/08_inference.ipynb #1f97d5a8
 def _check_args(batch_size, tta, threshold):
@@ -231,6 +355,16 @@ def file_part(n: int, # number of files
     if part_id >= num_parts: raise ValueError(f"patch_inference: part_id must be in [0, num_parts={num_parts}), got {part_id}")
     return list(range(int(part_id), n, int(num_parts)))
 
+def _resolve_keep(learner, config, keep_largest, todo, **kwargs):
+    "`keep_largest_classes` for a job: nothing to decide without files to predict; a failed validation run warns and cleans nothing"
+    if not todo: return ()
+    keep_largest_classes(learner, config, keep_largest, choose=False)  # a bad argument raises here
+    try: return keep_largest_classes(learner, config, keep_largest, **kwargs)
+    except Exception as e:
+        warnings.warn(f"patch_inference: could not choose the post-processing on the validation cases ({type(e).__name__}: {e}); "
+                      "no component is removed", RuntimeWarning, stacklevel=3)
+        return ()
+
 def _remove_own_stale_temps(save_dir, outputs):
     "Stale temporaries of these outputs only: a folder shared by several parts (cluster jobs) keeps the others' in-progress files"
     for out in outputs:
@@ -254,7 +388,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                     return_probabilities: bool = False, # keep probabilities (preprocessed frame) instead of labels
                     overwrite: bool = False, # re-predict files whose output exists
                     tta='auto', # test-time mirroring: 'auto' (the flips training used, see `tta_flips`), None, True (each axis), 'all' (8 flips)
-                    keep_largest=None, # keep the largest component per label (default: config.keep_largest_component)
+                    keep_largest=None, # largest component only: None (config.keep_largest_component), True, False, 'auto' (chosen on validation, see `keep_largest_classes`) or a list of classes
                     threshold: float = 0.5, # threshold for one-channel models
                     amp=None, # mixed precision (default: on CUDA)
                     heap_cache: bool = True, # on CPU, keep freed memory in the process heap during the job (`cpu_heap_cache`)
@@ -276,8 +410,8 @@ def patch_inference(learner, # fastai Learner (or a torch module)
     model = learner_model(learner)
     if isinstance(tta, str) and tta == 'auto': tta = tta_flips(learner, config)
     if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)
+    if pre_inference_tfms is None: pre_inference_tfms = getattr(learner, 'pre_patch_tfms', None)  # a `SavedModel`
     act = default_activation(learner) if activation == 'auto' else activation
-    keep_largest = config.keep_largest_component if keep_largest is None else keep_largest
     res = InferenceResults([None] * len(file_paths))
     res.part = (int(num_parts), int(part_id))
     todo = []
@@ -296,6 +430,9 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                 res.paths.append(out); continue
         todo.append(i)
     if todo: check_model_fits(model, config, file_paths[todo[0]])
+    keep = _resolve_keep(learner, config, keep_largest, todo, pre_inference_tfms=pre_inference_tfms, tta=tta,
+                         batch_size=batch_size, threshold=threshold, amp=amp)
+    res.keep_largest = keep
     read = lambda i: _read_on_one_thread(file_paths[i], config, pre_inference_tfms)
     with cpu_heap_cache(heap_cache, model=model), \
          ThreadPoolExecutor(max_workers=1) as pool:  # reads the next file while the model runs
@@ -312,12 +449,12 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                                        batch_size, act, tta, config.padding_mode, amp)
                 exact = is_exact_regrid(affine, src.affine)  # only reoriented: labels can move as they are
                 lab = probs_to_labels(probs, threshold).cpu() if (exact or (return_predictions and not return_probabilities)) else None
-                if lab is not None and keep_largest: lab = keep_largest_component(lab)
+                if lab is not None and keep: lab = keep_largest_component(lab, None if keep is True else keep)
                 if save_dir is not None:
                     if exact: orig = restore_to_original(lab, affine, src, mode='nearest')
                     else:
                         orig = probabilities_to_original(probs, affine, src, threshold)
-                        if keep_largest: orig = keep_largest_component(orig)
+                        if keep: orig = keep_largest_component(orig, None if keep is True else keep)
                     res.outputs[i] = write_nifti(orig, src.affine, _output_path(save_dir, path))
                     res.paths.append(res.outputs[i])
                     del orig

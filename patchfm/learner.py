@@ -18,7 +18,7 @@ from .grid import probs_to_labels
 from .losses import default_loss
 from .metrics import AccumulatedDice, confusion_matrix, dice_from_confusion
 from .preprocess import preprocess_subject
-from .inference import default_activation, predict_volume
+from .inference import default_activation, predict_volume, validation_cases
 from .runtime import cpu_heap_cache
 from .models import unwrap_model
 
@@ -26,13 +26,6 @@ from .models import unwrap_model
 __all__ = ['SlidingWindowDice', 'default_unet', 'patch_learner']
 
 # %% ../nbs/09_learner.ipynb #ba91e428
-def _split_paths(dl) -> list:
-    "(image, mask) paths of the subjects of a loader (`subjects_dataset` items or `.images`/`.masks`)"
-    sd = getattr(dl, 'subjects_dataset', None)
-    if sd is None: return []
-    if hasattr(sd, 'images') and hasattr(sd, 'masks'): return list(zip(sd.images, sd.masks))
-    return [(s['image'].path, s['mask'].path) for s in sd]
-
 class SlidingWindowDice(Metric):
     "Mean foreground Dice of whole validation volumes predicted by sliding window"
     def __init__(self, n_classes: int, # classes including background (2 for binary)
@@ -66,7 +59,7 @@ class SlidingWindowDice(Metric):
         epoch, n_epoch = getattr(learn, 'epoch', 0), getattr(learn, 'n_epoch', 1)
         if (epoch + 1) % self.every and epoch != n_epoch - 1: return self._last
         config, tfms = learn.dls.patch_config, getattr(learn.dls, 'pre_patch_tfms', None)
-        cases = _split_paths(learn.dls.valid)[:self.max_cases]
+        cases = validation_cases(learn)[:self.max_cases]
         if not cases: return float('nan')
         n = max(self.n_classes, 2)
         cm = torch.zeros(n + 1, n + 1, dtype=torch.int64)  # row/column n: labels outside the model's classes

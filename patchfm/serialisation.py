@@ -7,9 +7,9 @@ Docs: https://patchfm.github.io/patchfm/serialisation.html.md"""
 
 # %% ../nbs/07a_serialisation.ipynb #87d618eb
 from __future__ import annotations
-import importlib, inspect, json, re
+import importlib, inspect, json, re, warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from .core import atomic_write_text, atomic_path
 from .config import PatchConfig, read_json, string_arguments, transform_from_spec, transform_to_spec
 from .runtime import library_versions
 from .models import unwrap_model
+from .inference import choose_postprocessing, tta_flips
 
 # %% auto #0
 __all__ = ['ALLOWED_MODEL_PACKAGES', 'model_spec', 'build_model', 'save_model', 'SavedModel', 'load_model']
@@ -92,6 +93,18 @@ def build_model(spec: dict, # `model_spec` output (e.g. read from model.json)
     with _no_unsafe_loading(): return cls(**kwargs)
 
 # %% ../nbs/07a_serialisation.ipynb #4994d3e5
+def _inference_choices(learn, config, pre_patch_tfms) -> dict:
+    "What `patch_inference`'s 'auto' settings resolve to for this learner: the training's flips and the classes to clean"
+    if isinstance(learn, torch.nn.Module): return {}
+    out = dict(tta=[list(f) for f in tta_flips(learn, config)])
+    if config.keep_largest_component == 'auto':
+        try: choice = choose_postprocessing(learn, config, pre_inference_tfms=pre_patch_tfms)
+        except Exception as e:
+            warnings.warn(f"save_model: post-processing not chosen ({type(e).__name__}: {e}); the saved model cleans no component", RuntimeWarning, stacklevel=3)
+            choice = None
+        if choice is not None: out['keep_largest'] = list(choice.keep_largest)
+    return out
+
 def save_model(learn, # fastai Learner (or a torch module)
                path, # folder to write
                config: PatchConfig | None = None, # default: the loaders' `patch_config`
@@ -110,7 +123,8 @@ def save_model(learn, # fastai Learner (or a torch module)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
     with atomic_path(p / 'model.safetensors') as tmp: save_file(state, str(tmp))
     config.save(p / 'config.json')
-    desc = dict(spec, pre_patch_tfms=[transform_to_spec(t) for t in pre_patch_tfms], versions=library_versions(('torch', 'monai', 'torchio', 'fastai')), extra=extra or {})
+    desc = dict(spec, pre_patch_tfms=[transform_to_spec(t) for t in pre_patch_tfms], versions=library_versions(('torch', 'monai', 'torchio', 'fastai')),
+                inference=_inference_choices(learn, config, pre_patch_tfms), extra=extra or {})
     atomic_write_text(p / 'model.json', json.dumps(desc, indent=2))
     return p
 
@@ -121,6 +135,7 @@ class SavedModel:
     config: PatchConfig
     pre_patch_tfms: list
     description: dict
+    inference_choices: dict = field(default_factory=dict) # what `patch_inference`'s 'auto' settings use: 'tta' flips, 'keep_largest' classes
 
 def _read_weights(f: Path) -> dict:
     "Tensors of a safetensors file; a pickle (torch.save) or a damaged file is refused naming it"
@@ -143,6 +158,16 @@ def _check_fits(model, state: dict, f: Path, model_class: str):
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad: raise ValueError(f"{f}: {len(bad)} weight shape(s) do not fit {model_class} as model.json describes it, e.g. {'; '.join(bad[:3])}")
 
+def _check_choices(d, f: Path) -> dict:
+    "The 'inference' entry of model.json: flips as lists of batch dims 2-4, classes as integers >= 1"
+    def ints(v, lo, hi): return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and lo <= i <= hi for i in v)
+    if not isinstance(d, dict): raise ValueError(f"{f}: 'inference' must be an object, got {type(d).__name__}")
+    if 'tta' in d and not (isinstance(d['tta'], list) and all(ints(x, 2, 4) for x in d['tta'])):
+        raise ValueError(f"{f}: inference.tta must be a list of flip-dim lists (each dim 2, 3 or 4), got {d['tta']!r}")
+    if 'keep_largest' in d and not ints(d['keep_largest'], 1, 2**31):
+        raise ValueError(f"{f}: inference.keep_largest must be a list of class numbers >= 1, got {d['keep_largest']!r}")
+    return {k: d[k] for k in ('tta', 'keep_largest') if k in d}
+
 def load_model(path, # folder written by `save_model`
                device=None, # where to put the model (default: CUDA when available)
                trusted: bool = False, # trust the folder: allow model arguments and transforms that fetch or read other files
@@ -164,4 +189,4 @@ def load_model(path, # folder written by `save_model`
     model.load_state_dict(state)
     device = torch.device(device) if device is not None else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model.to(device).eval()
-    return SavedModel(model, config, tfms, desc)
+    return SavedModel(model, config, tfms, desc, _check_choices(desc.get('inference', {}), p / 'model.json'))

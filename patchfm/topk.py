@@ -29,7 +29,7 @@ from .core import case_name, write_nifti, MedMask
 from .regrid import is_exact_regrid, restore_to_original
 from .preprocess import preprocess_subject
 from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs_to_labels
-from .inference import (preprocess_for_inference, probabilities_to_original, keep_largest_component,
+from .inference import (preprocess_for_inference, probabilities_to_original, keep_largest_component, keep_largest_classes,
                                InferenceResults)
 from .models import learner_model
 
@@ -512,7 +512,7 @@ def topk_inference(
     pre_inference_tfms=None, # The training's intensity transforms (default: the learner's loaders')
     save_dir=None, # Write `<name>_pred.nii.gz` here, on the original grid and affine
     batch_size:int=4, # Patches per local forward
-    keep_largest=None, # Keep the largest component per label (default: config.keep_largest_component)
+    keep_largest=None, # Keep the largest component per label: None (config.keep_largest_component), True, False, a list of classes; 'auto' uses a choice already made (`learn.postprocessing`, a saved model's), else cleans nothing
     return_predictions:bool=True, # Keep the label maps (preprocessed grid) in the result
     overwrite:bool=False, # Re-predict files whose output exists
     seed:int|None=None, # Seed of the 'random' strategy
@@ -524,7 +524,7 @@ def topk_inference(
     file_paths = list(file_paths)
     _topk_model(learner)
     if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)
-    keep_largest = config.keep_largest_component if keep_largest is None else keep_largest
+    keep_largest = keep_largest_classes(learner, config, keep_largest, choose=False)
     res = InferenceResults([None] * len(file_paths))
     res.n_patches = []
     for i, path in enumerate(file_paths):
@@ -537,12 +537,12 @@ def topk_inference(
             probs, n = predict_topk(learner, x, k, strategy, batch_size, True, seed)
             exact = is_exact_regrid(affine, src.affine)
             lab = probs_to_labels(probs).cpu()
-            if keep_largest: lab = keep_largest_component(lab)
+            if keep_largest: lab = keep_largest_component(lab, None if keep_largest is True else keep_largest)
             if out is not None:
                 if exact: orig = restore_to_original(lab, affine, src, mode='nearest')
                 else:
                     orig = probabilities_to_original(probs, affine, src)
-                    if keep_largest: orig = keep_largest_component(orig)
+                    if keep_largest: orig = keep_largest_component(orig, None if keep_largest is True else keep_largest)
                 res.paths.append(write_nifti(orig, src.affine, out))
             if return_predictions: res[i] = MedMask(lab[None], affine=affine, source=src)
             res.n_patches.append(n)
