@@ -38,7 +38,7 @@ asserts nothing.
 variants of each trained model (mirroring, largest component) without training again, `--save-best` keeps the
 epoch with the best validation Dice as the tutorial does.
 
-Ablation of 2026-12-06 (defaults above: 30 epochs, 32^3 patches at 3 mm, spv 16, bs 2; seeds 42, 7, 1; "before"
+Ablation of 2026-12-06 (the post-processing rows: a second run the same evening, `--variants base,no_pp`; defaults above: 30 epochs, 32^3 patches at 3 mm, spv 16, bs 2; seeds 42, 7, 1; "before"
 is patchfm at fb4b709, "now" after the label-sampler and mirroring changes; each factor switched alone; Dice,
 HD95 (mm), precision, recall, predicted / true volume as mean +- sd over the seeds). The machine was shared with
 other jobs: single runs took 22-600 s, the whole comparison about 80 min; on a quiet machine single runs took
@@ -52,7 +52,8 @@ other jobs: single runs took 22-600 s, the whole comparison about 80 min; on a q
 | ct_organs | patchfm before this work | 3 | 0.732 ± 0.035 | 46.9 ± 14.6 | 0.66 ± 0.07 | 0.82 ± 0.03 | 1.25 ± 0.18 |
 | ct_organs | patchfm before + mirroring only | 3 | 0.762 ± 0.032 | 42.7 ± 18.7 | 0.71 ± 0.07 | 0.83 ± 0.03 | 1.19 ± 0.18 |
 | ct_organs | patchfm before + keep_largest_component | 3 | 0.736 ± 0.038 | 38.5 ± 22.0 | 0.67 ± 0.08 | 0.82 ± 0.03 | 1.23 ± 0.19 |
-| ct_organs | patchfm now (defaults: new label sampler + mirroring) | 3 | 0.785 ± 0.006 | 20.4 ± 9.7 | 0.76 ± 0.02 | 0.82 ± 0.03 | 1.08 ± 0.07 |
+| ct_organs | patchfm: new label sampler + mirroring, no post-processing | 3 | 0.785 ± 0.006 | 20.4 ± 9.7 | 0.76 ± 0.02 | 0.82 ± 0.03 | 1.08 ± 0.07 |
+| ct_organs | patchfm now (defaults: + post-processing chosen on validation, which cleaned) | 3 | 0.788 ± 0.009 | 15.4 ± 3.5 | 0.76 ± 0.01 | 0.82 ± 0.03 | 1.07 ± 0.06 |
 | ct_organs | patchfm before + new label sampler only | 3 | 0.767 ± 0.007 | 24.8 ± 11.1 | 0.73 ± 0.03 | 0.81 ± 0.03 | 1.12 ± 0.08 |
 | ct_organs | patchfm before + SaveModelCallback, validation tiles | 3 | 0.729 ± 0.032 | 47.9 ± 14.0 | 0.66 ± 0.07 | 0.82 ± 0.03 | 1.25 ± 0.17 |
 | ct_organs | patchfm before + SaveModelCallback, sampled validation | 3 | 0.732 ± 0.035 | 46.9 ± 14.6 | 0.66 ± 0.07 | 0.82 ± 0.03 | 1.25 ± 0.18 |
@@ -63,7 +64,7 @@ other jobs: single runs took 22-600 s, the whole comparison about 80 min; on a q
 | mr_organs | patchfm before this work | 3 | 0.599 ± 0.012 | 55.9 ± 29.4 | 0.78 ± 0.07 | 0.49 ± 0.02 | 0.63 ± 0.08 |
 | mr_organs | patchfm before + mirroring only | 3 | 0.615 ± 0.010 | 49.9 ± 25.8 | 0.84 ± 0.03 | 0.48 ± 0.02 | 0.57 ± 0.06 |
 | mr_organs | patchfm before + keep_largest_component | 3 | 0.505 ± 0.013 | 63.4 ± 2.6 | 0.92 ± 0.01 | 0.35 ± 0.01 | 0.38 ± 0.01 |
-| mr_organs | patchfm now (defaults: new label sampler + mirroring) | 3 | 0.749 ± 0.011 | 14.4 ± 3.2 | 0.87 ± 0.02 | 0.66 ± 0.03 | 0.75 ± 0.05 |
+| mr_organs | patchfm now (defaults: new label sampler + mirroring; post-processing declined on validation) | 3 | 0.749 ± 0.011 | 14.4 ± 3.2 | 0.87 ± 0.02 | 0.66 ± 0.03 | 0.75 ± 0.05 |
 | mr_organs | patchfm before + new label sampler only | 3 | 0.726 ± 0.024 | 45.3 ± 23.8 | 0.82 ± 0.04 | 0.65 ± 0.03 | 0.79 ± 0.05 |
 | mr_organs | patchfm before + augmentation in voxel frame | 3 | 0.591 ± 0.042 | 62.4 ± 17.1 | 0.76 ± 0.08 | 0.49 ± 0.04 | 0.64 ± 0.09 |
 | cta_heart | fastMONAI 0.12, its defaults | 3 | 0.707 ± 0.040 | 109.5 ± 18.4 | 0.66 ± 0.11 | 0.77 ± 0.05 | 1.18 ± 0.24 |
@@ -72,9 +73,9 @@ other jobs: single runs took 22-600 s, the whole comparison about 80 min; on a q
 | cta_heart | patchfm before this work | 3 | 0.660 ± 0.063 | 111.4 ± 13.2 | 0.59 ± 0.11 | 0.76 ± 0.03 | 1.31 ± 0.25 |
 | cta_heart | patchfm before + mirroring only | 3 | 0.665 ± 0.059 | 110.5 ± 8.6 | 0.60 ± 0.11 | 0.76 ± 0.04 | 1.31 ± 0.27 |
 | cta_heart | patchfm before + keep_largest_component | 3 | 0.810 ± 0.038 | 21.7 ± 8.5 | 0.87 ± 0.05 | 0.76 ± 0.03 | 0.87 ± 0.01 |
-| cta_heart | patchfm now (defaults: new label sampler + mirroring) | 3 | 0.715 ± 0.058 | 111.1 ± 4.7 | 0.69 ± 0.09 | 0.75 ± 0.01 | 1.11 ± 0.13 |
+| cta_heart | patchfm: new label sampler + mirroring, no post-processing | 3 | 0.715 ± 0.058 | 111.1 ± 4.7 | 0.69 ± 0.09 | 0.75 ± 0.01 | 1.11 ± 0.13 |
 | cta_heart | patchfm before + new label sampler only | 3 | 0.703 ± 0.062 | 108.6 ± 2.9 | 0.67 ± 0.10 | 0.75 ± 0.01 | 1.14 ± 0.17 |
-| cta_heart | patchfm now + keep_largest_component | 3 | 0.799 ± 0.040 | 25.3 ± 10.2 | 0.86 ± 0.08 | 0.75 ± 0.01 | 0.88 ± 0.07 |
+| cta_heart | patchfm now (defaults: + post-processing chosen on validation, which cleaned) | 3 | 0.799 ± 0.040 | 25.2 ± 10.2 | 0.86 ± 0.08 | 0.75 ± 0.01 | 0.88 ± 0.07 |
 """
 from __future__ import annotations
 import argparse, json, math, os, statistics, subprocess, sys, tempfile, time
