@@ -332,7 +332,8 @@ def cmd_train(args) -> int:
         ids = [ims[0] for ims in tdl.subjects_dataset.images]  # a subject's id: its (first) image path
         mine = dict(read=sorted({ids[i] for i in tdl.subjects_read}),
                     epochs=[[ids[i] for i, _ in tdl.keys(e)] for e in range(args.epochs)],
-                    digest=weights_digest(learn.model), batches=len(tdl))
+                    digest=weights_digest(learn.model), batches=len(tdl),
+                    final=[None if v is None or v != v else float(v) for v in learn.recorder.values[-1]] if learn.recorder.values else [])
         ranks = all_gather_json(mine)
         if main_rank:
             save_model(learn, out / 'model', extra=dict(n_classes=n_classes))
@@ -345,6 +346,7 @@ def cmd_train(args) -> int:
                         train_subjects=ids, valid_subjects=[ims[0] for ims in dls.valid.subjects_dataset.images],
                         rank_subjects=[r['read'] for r in ranks], rank_epoch_subjects=[r['epochs'] for r in ranks],
                         rank_weights_sha1=[r['digest'] for r in ranks], final_metrics=last,
+                        rank_final_metrics=[r['final'] for r in ranks],
                         train_seconds=round(train_s, 1), total_seconds=round(time.perf_counter() - t0, 1))
             atomic_write_text(out / 'train_info.json', json.dumps(info, indent=2))
             print(f"training: {train_s:.0f} s\noutputs in {out}: model/, patch_config.json, train_info.json")

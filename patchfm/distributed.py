@@ -6,7 +6,7 @@ Docs: https://patchfm.github.io/patchfm/distributed.html.md"""
 
 # %% ../nbs/17_distributed.ipynb #4fd9ae31
 from __future__ import annotations
-import datetime, hashlib, json, os
+import datetime, json, os
 from contextlib import contextmanager
 
 import numpy as np
@@ -18,11 +18,11 @@ from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 
 from .runtime import distributed_rank_world
-from .models import unwrap_model
+from .models import unwrap_model, weights_digest
 
 # %% auto #0
 __all__ = ['launched_world_size', 'init_distributed', 'is_main', 'barrier', 'cleanup_distributed', 'distributed_ctx',
-           'all_gather_json', 'broadcast_json', 'weights_digest', 'DistributedPatchTrainer', 'distribute']
+           'all_gather_json', 'broadcast_json', 'DistributedPatchTrainer', 'distribute']
 
 # %% ../nbs/17_distributed.ipynb #1c1b0d7f
 def _env_int(name: str, default: int) -> int:
@@ -99,17 +99,12 @@ def broadcast_json(obj=None, src: int = 0):
     "Rank `src`'s `obj` on every rank (JSON, no pickle)"
     return all_gather_json(obj if distributed_rank_world()[0] == src else None)[src]
 
-def weights_digest(model: torch.nn.Module) -> str:
-    "SHA-1 of a model's parameters and buffers (the unwrapped module's): equal digests, equal weights"
-    h = hashlib.sha1()
-    for k, v in unwrap_model(model).state_dict().items():
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
 # %% ../nbs/17_distributed.ipynb #e3e1979a
 class DistributedPatchTrainer(Callback):
-    """Wrap the model in `DistributedDataParallel` for `fit` (gradients all-reduced at every step) and validate with the
-    plain module on every rank; checks that the training loader reads this rank's shard"""
+    """Wrap the model in `DistributedDataParallel` for `fit` (gradients all-reduced at every step), average the training
+    loss the recorder logs over the ranks, and validate with the plain module on every rank (each validates the whole
+    split with the same weights, so validation metrics agree without reduction); checks that the training loader
+    reads this rank's shard"""
     order = 11  # after TrainEvalCallback (it sets train/eval mode on the wrapper), before the Recorder
     def __init__(self, find_unused_parameters: bool = False, # for models that skip some parameters in a forward pass
                 ):
@@ -129,6 +124,19 @@ class DistributedPatchTrainer(Callback):
         self.ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == 'cuda' else None,
                                            find_unused_parameters=self.find_unused_parameters)
         self.learn.model = self.ddp
+
+    def after_train(self):
+        "Average the recorder's training losses over the ranks (each trained on its own shard); validation needs no reduction"
+        if self.ddp is None: return
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is None: return
+        world, dev = dist.get_world_size(), _comm_device()
+        for avg, attr in ((getattr(rec, 'smooth_loss', None), 'val'), (getattr(rec, 'loss', None), 'total')):
+            v = getattr(avg, attr, None)
+            if not isinstance(v, torch.Tensor): continue
+            t = v.detach().float().to(dev).clone()
+            dist.all_reduce(t)
+            setattr(avg, attr, (t / world).to(v.device, v.dtype))
 
     def before_validate(self):
         if self.ddp is not None: self.learn.model = self.ddp.module

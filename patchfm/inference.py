@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/inference.html.md"""
 
 # %% ../nbs/08_inference.ipynb #9e3c6bbe
 from __future__ import annotations
-import hashlib, itertools, os, time, warnings
+import itertools, os, time, warnings
 from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -28,13 +28,13 @@ from .preprocess import flip_axes, preprocess_subject
 from .config import PatchConfig
 from .runtime import cpu_heap_cache, distributed_rank_world, release_cached_memory
 from .grid import PatchAggregator, crop_padding, extract_patches, patch_grid, probs_to_labels
-from .models import learner_model, model_forward, unwrap_model
+from .models import learner_model, model_forward, unwrap_model, weights_digest
 
 # %% auto #0
 __all__ = ['default_activation', 'preprocess_for_inference', 'predict_volume', 'keep_largest_component',
            'probabilities_to_original', 'InferenceResults', 'check_model_fits', 'tta_flips', 'PostprocessChoice',
-           'choose_keep_largest', 'validation_cases', 'weights_fingerprint', 'choose_postprocessing',
-           'keep_largest_classes', 'default_part', 'file_part', 'patch_inference']
+           'choose_keep_largest', 'validation_cases', 'choose_postprocessing', 'keep_largest_classes', 'default_part',
+           'file_part', 'patch_inference']
 
 # %% ../nbs/08_inference.ipynb #d3e03e61
 def _device_of(model) -> torch.device:
@@ -262,13 +262,6 @@ def validation_cases(learner) -> list:
     if hasattr(sd, 'images') and hasattr(sd, 'masks'): return [(im if len(im) > 1 else im[0], m) for im, m in zip(sd.images, sd.masks)]
     return [(s['image'].path, s['mask'].path) for s in sd]
 
-def weights_fingerprint(model) -> str:
-    "SHA-1 of a network's weights (any change of any weight changes it)"
-    h = hashlib.sha1()
-    for k, v in unwrap_model(model).state_dict().items():
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 def choose_postprocessing(learner, # a fastai Learner whose loaders know validation subjects with masks
                           config: PatchConfig | None = None, # default: the loaders' `patch_config`
                           cases=None, # (image, mask) path pairs to decide on (default: `validation_cases(learner)`)
@@ -287,7 +280,7 @@ def choose_postprocessing(learner, # a fastai Learner whose loaders know validat
     if not cases: return None
     model = learner_model(learner)
     if isinstance(tta, str) and tta == 'auto': tta = tta_flips(learner, config)
-    key = f"{weights_fingerprint(model)}|{tta!r}|{config!r}"
+    key = f"{weights_digest(model)}|{tta!r}|{config!r}"
     cached = learner.__dict__.get('postprocessing') if hasattr(learner, '__dict__') else None
     if not explicit and isinstance(cached, PostprocessChoice) and cached.key == key: return cached
     if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)

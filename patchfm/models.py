@@ -7,7 +7,7 @@ Docs: https://patchfm.github.io/patchfm/models.html.md"""
 
 # %% ../nbs/07_models.ipynb #f00520a4
 from __future__ import annotations
-import math
+import hashlib, math
 from collections.abc import Sequence
 
 import torch
@@ -16,8 +16,8 @@ from torch.func import functional_call
 from fastcore.basics import store_attr
 
 # %% auto #0
-__all__ = ['unwrap_model', 'learner_model', 'unet_divisor', 'check_unet_input', 'ConvBlock', 'UNet', 'is_size_conditional',
-           'model_forward', 'HyperUNet']
+__all__ = ['unwrap_model', 'learner_model', 'weights_digest', 'unet_divisor', 'check_unet_input', 'ConvBlock', 'UNet',
+           'is_size_conditional', 'model_forward', 'HyperUNet']
 
 # %% ../nbs/07_models.ipynb #84cb1ca5
 def unwrap_model(model):
@@ -35,6 +35,13 @@ def learner_model(learner, # a fastai Learner (anything with a `.model` module),
     model = learner if isinstance(learner, nn.Module) else getattr(learner, 'model', None)
     if not isinstance(model, nn.Module): raise TypeError(f"{name} must be {accepted}, got {type(learner).__name__}")
     return model
+
+def weights_digest(model: nn.Module) -> str:
+    "SHA-1 of a network's parameters and buffers (of the unwrapped module, any dtype): equal digests, equal weights"
+    h = hashlib.sha1()
+    for k, v in unwrap_model(model).state_dict().items():
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 # %% ../nbs/07_models.ipynb #cbf62fab
 def unet_divisor(model_or_n_down) -> int:

@@ -77,6 +77,8 @@ def test_torchrun_train_writes_the_run(run):
         assert len(a) == len(b) == 2 and not set(a) & set(b) and sorted(a + b) == sorted(info['train_subjects'])
     assert sorted(set(info['rank_subjects'][0]) | set(info['rank_subjects'][1])) == sorted(info['train_subjects'])
     assert info['rank_weights_sha1'][0] == info['rank_weights_sha1'][1]  # DDP kept the ranks in sync
+    a, b = info['rank_final_metrics']  # train loss averaged over the ranks, validation on the same weights: one set of numbers
+    assert len(a) == len(b) >= 2 and a == b and a[0] is not None
     assert info['batches_per_epoch_per_rank'] == [2, 2]
     assert out.stdout.count('outputs in') == 1  # only rank 0 prints the summary
 

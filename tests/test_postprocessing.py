@@ -8,7 +8,8 @@ from scipy import ndimage
 from patchfm.config import PatchConfig
 from patchfm.core import write_nifti, MedMask
 from patchfm.inference import (PostprocessChoice, choose_keep_largest, choose_postprocessing, keep_largest_classes,
-                               keep_largest_component, patch_inference, validation_cases, weights_fingerprint)
+                               keep_largest_component, patch_inference, validation_cases)
+from patchfm.models import weights_digest
 from patchfm.serialisation import save_model, load_model
 
 
@@ -146,12 +147,12 @@ def test_saved_model_cleans_at_prediction(tmp_path):
     assert np.array_equal(MedMask.create(res.paths[0], apply_reorder=False)[0].numpy(), MedMask.create(gt, apply_reorder=False)[0].numpy())
 
 
-def test_weights_fingerprint_changes_with_any_weight():
+def test_weights_digest_changes_with_any_weight():
     m = torch.nn.Conv3d(1, 2, 3)
-    a = weights_fingerprint(m)
-    assert a == weights_fingerprint(m)
+    a = weights_digest(m)
+    assert a == weights_digest(m)
     with torch.no_grad(): m.bias[1] += 1e-6
-    assert weights_fingerprint(m) != a
+    assert weights_digest(m) != a
 
 
 def test_cli_predict_applies_the_saved_choice(tmp_path):
