@@ -271,6 +271,7 @@ def choose_postprocessing(learner, # a fastai Learner whose loaders know validat
                           threshold: float = 0.5, # for one-channel models
                           amp=None, # mixed precision (default: on CUDA)
                           max_cases: int | None = 20, # decide on at most this many cases
+                          verbose: bool = False, # say when the validation cases are predicted (once per set of weights)
                          ) -> PostprocessChoice | None:
     "Predict the validation cases as `patch_inference` would and choose the classes to clean (`choose_keep_largest`); None without cases"
     config = config if config is not None else getattr(getattr(learner, 'dls', None), 'patch_config', None)
@@ -285,6 +286,8 @@ def choose_postprocessing(learner, # a fastai Learner whose loaders know validat
     if not explicit and isinstance(cached, PostprocessChoice) and cached.key == key: return cached
     if pre_inference_tfms is None: pre_inference_tfms = getattr(getattr(learner, 'dls', None), 'pre_patch_tfms', None)
     act, pairs = default_activation(learner), []
+    if verbose: print(f"choosing the post-processing on {len(cases)} validation case(s), once for these weights "
+                      "(keep_largest=False or True skips it)", flush=True)
     with cpu_heap_cache(model=model):
         for img, msk in cases:
             v = preprocess_subject(img, config, pre_inference_tfms, mask=msk, pad=False)  # the loaders' own preprocessing
@@ -423,7 +426,7 @@ def patch_inference(learner, # fastai Learner (or a torch module)
                 res.paths.append(out); continue
         todo.append(i)
     if todo: check_model_fits(model, config, file_paths[todo[0]])
-    keep = _resolve_keep(learner, config, keep_largest, todo, pre_inference_tfms=pre_inference_tfms, tta=tta,
+    keep = _resolve_keep(learner, config, keep_largest, todo, pre_inference_tfms=pre_inference_tfms, tta=tta, verbose=progress,
                          batch_size=batch_size, threshold=threshold, amp=amp)
     res.keep_largest = keep
     read = lambda i: _read_on_one_thread(file_paths[i], config, pre_inference_tfms)
