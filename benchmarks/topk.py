@@ -54,9 +54,9 @@ def _evaluate(learn, cases, n_classes, k, strategy, seeds=(None,)):
     return sum(dice) / len(dice), secs / len(seeds), sum(npat) / len(npat)
 
 
-def run(images, labels, test_idx, config, pre_tfms, epochs, lr, ks, n_random_seeds, label=''):
+def run(images, labels, test_idx, config, pre_tfms, epochs, lr, ks, n_random_seeds, label='', global_channels=None):
     import torch
-    from patchfm.topk import topk_learner, volume_dataloaders, predict_topk, TopKSegmenter
+    from patchfm.topk import topk_learner, volume_dataloaders, predict_topk, TopKSegmenter, default_global_net
     from patchfm.inference import predict_volume
     from patchfm.grid import patch_grid
     torch.manual_seed(0)
@@ -64,7 +64,8 @@ def run(images, labels, test_idx, config, pre_tfms, epochs, lr, ks, n_random_see
     dls = volume_dataloaders(images, labels, config, pre_tfms, valid_idx=test_idx, seed=0)
     prep = time.perf_counter() - t0
     n_classes = dls.n_classes
-    learn = topk_learner(dls, down_size_rate=3, k_train=4, k_random=1, k=5)
+    gnet = None if global_channels is None else default_global_net(getattr(dls, 'n_channels', None) or 1, n_classes, channels=global_channels)
+    learn = topk_learner(dls, down_size_rate=3, k_train=4, k_random=1, k=5, global_net=gnet)
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
     train_s = time.perf_counter() - t0
@@ -144,9 +145,10 @@ def main():
     ap.add_argument('--quick', action='store_true', help='fewer cases and epochs, K in {1,3,5,10,all} (a few minutes)')
     ap.add_argument('--json-out', help='write the results as JSON here')
     ap.add_argument('--realdata', help='folder of ../shared/realdata/fetch.sh (cases.csv): also benchmark those cases')
-    ap.add_argument('--epochs', type=int, help='training epochs (default 25 quick, 60 full)')
+    ap.add_argument('--epochs', type=int, help='training epochs (default 25 quick, 150 full)')
     ap.add_argument('--cases', type=int, help='demo cases (default 10 quick, 16 full; the last 3 held out quick, 4 full)')
     ap.add_argument('--lr', type=float, default=1e-2)
+    ap.add_argument('--global-channels', type=int, nargs='+', help='channels of the global UNet (default: default_global_net\'s)')
     args = ap.parse_args()
     warnings.filterwarnings('ignore')
     import torch
@@ -156,13 +158,13 @@ def main():
     ks = K_QUICK if args.quick else K_FULL
     n_cases = args.cases or (10 if args.quick else 16)
     n_test = 3 if args.quick else 4
-    epochs = args.epochs or (25 if args.quick else 60)
+    epochs = args.epochs or (25 if args.quick else 150)
     cfg = PatchConfig(patch_size=(24, 24, 24), target_spacing=(2., 2., 2.), patch_overlap=0.5)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         images, labels = demo_data(Path(tmp) / 'demo', n_cases)
         out = run(images, labels, list(range(n_cases - n_test, n_cases)), cfg, [ZNormalization()], epochs, args.lr, ks,
-                  n_random_seeds=3, label='demo phantoms')
+                  n_random_seeds=3, label='demo phantoms', global_channels=args.global_channels)
         out.update(dataset='demo', n_cases=n_cases, patch_size=list(cfg.patch_size), target_spacing=list(cfg.target_spacing),
                    down_size_rate=3, threads=THREADS, quick=args.quick)
         if args.realdata:
@@ -170,7 +172,7 @@ def main():
             rcfg = PatchConfig(patch_size=(24, 24, 24), target_spacing=(3., 3., 3.), patch_overlap=0.5)
             n = len(images)
             rd = run(images, labels, [0, n - 1], rcfg, [ZNormalization()], epochs, args.lr, ks, n_random_seeds=3,
-                     label=f'real cases ({args.realdata}, binarised labels)')
+                     label=f'real cases ({args.realdata}, binarised labels)', global_channels=args.global_channels)
             rd.update(dataset=str(args.realdata), n_cases=n, target_spacing=list(rcfg.target_spacing))
             out['realdata'] = rd
     out['total_seconds'] = time.perf_counter() - t_start

@@ -31,7 +31,7 @@ from .preprocess import preprocess_subject
 from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs_to_labels
 from .inference import (preprocess_for_inference, probabilities_to_original, keep_largest_component, keep_largest_classes,
                                InferenceResults)
-from .models import learner_model
+from .models import learner_model, single_as_pair
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'gumbel_noise', 'gumbel_topk', 'ObjectnessHead', 'PatchRefiner', 'PatchBlender', 'zoom_indices',
@@ -246,7 +246,7 @@ class TopKSegmenter(nn.Module):
 
     def _global(self, xp):
         C = self.n_classes
-        out = self.global_net(F.avg_pool3d(xp, self.down_size_rate) if self.down_size_rate > 1 else xp)
+        out = single_as_pair(self.global_net, F.avg_pool3d(xp, self.down_size_rate) if self.down_size_rate > 1 else xp)
         if out.shape[1] != C + self.score_channels:
             raise ValueError(f"global_net returned {out.shape[1]} channels; TopKSegmenter needs n_classes + score_channels "
                              f"= {C} + {self.score_channels} (logits first, then the features of the objectness head)")
@@ -281,7 +281,7 @@ class TopKSegmenter(nn.Module):
         return list(scores.topk(k, -1).indices.cpu())
 
     def _local(self, patches, gpatch):
-        out = self.local_net(patches)
+        out = single_as_pair(self.local_net, patches)
         return self.refiner(out, gpatch) if self.refiner is not None else out
 
     def forward(self, x:torch.Tensor) -> dict:

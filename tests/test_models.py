@@ -279,3 +279,23 @@ def test_divisor_matches_what_the_network_accepts():
     d = unet_divisor(m)
     m(torch.randn(1, 1, d, 2 * d, d))
     with pytest.raises(ValueError): m(torch.randn(1, 1, d, d + d // 2, d))
+
+
+def test_single_as_pair_runs_one_item_batches_as_two():
+    "A one-item CPU batch without gradients is computed on two copies (PyTorch's fast oneDNN path); the result is the item's"
+    from patchfm.models import single_as_pair, model_forward
+    seen = []
+    class Rec(torch.nn.Module):
+        def __init__(self): super().__init__(); self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+        def forward(self, x): seen.append(x.shape[0]); return self.conv(x)
+    net, x = Rec().eval(), torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        ref = net.conv(x)
+        out = model_forward(net, x)
+        assert seen == [2] and out.shape == (1, 2, 8, 8, 8) and torch.allclose(out, ref, atol=1e-5)
+        seen.clear(); model_forward(net, torch.randn(3, 1, 8, 8, 8)); assert seen == [3]  # larger batches as they are
+        d = single_as_pair(lambda b: {'a': b * 2, 'n': b.sum((1, 2, 3, 4))}, x)
+        assert d['a'].shape == x.shape and torch.equal(d['a'], x * 2) and d['n'].shape == (1,)
+        calls = []
+        assert single_as_pair(lambda b: calls.append(b.shape[0]) or [b], x)[0].shape[0] == 1 and calls == [2, 1]  # other outputs: again
+    seen.clear(); model_forward(net, x).sum().backward(); assert seen == [1]  # with gradients (training): untouched
