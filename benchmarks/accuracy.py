@@ -30,8 +30,9 @@ masks are deliberately absent: they are kept for an independent check.
     .venv/bin/python benchmarks/accuracy.py --data DIR --libraries patchfm --set tta=none   # one factor switched
 
 Prints mean +- sd of Dice, HD95 (mm), precision, recall, volume ratio and connected components per library and task,
-then patchfm - fastMONAI differences; `--json-out FILE` keeps every raw number. Default settings: about 25 minutes
-on a quiet 2-core machine for both libraries (estimate from single runs, see below). A script, not a test: it
+then patchfm - fastMONAI differences; `--json-out FILE` keeps every raw number. Default settings: 12 minutes on a
+quiet 2-core machine for both libraries (measured 2026-12-06: patchfm 7 min with `--variants base,no_pp`, fastMONAI
+5 min). A script, not a test: it
 asserts nothing.
 
 `--set KEY=VALUE` switches one patchfm factor for an ablation (see `PATCHFM_FACTORS`), `--variants` runs inference
