@@ -120,6 +120,7 @@ class DistributedPatchTrainer(Callback):
                              f"{tdl.world_size}, but {world} processes train; build the loaders after init_distributed() "
                              f"(or pass rank= and world_size=)")
         model = self.learn.model
+        if isinstance(model, DistributedDataParallel): model = model.module  # left by a fit that raised (fastai runs no after_fit then)
         dev = next(iter(model.parameters())).device
         self.ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == 'cuda' else None,
                                            find_unused_parameters=self.find_unused_parameters)
