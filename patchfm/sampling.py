@@ -7,6 +7,7 @@ Docs: https://patchfm.github.io/patchfm/sampling.html.md"""
 
 # %% ../nbs/04b_sampling.ipynb #c6ec5d3a
 from __future__ import annotations
+from abc import ABC, abstractmethod
 import random
 from contextlib import contextmanager
 
@@ -32,7 +33,7 @@ def tile_starts(shape, # spatial shape of the (padded) volume, at least `size` o
     return np.stack(np.meshgrid(*patch_starts(tuple(shape), tuple(size), 0), indexing='ij'), -1).reshape(-1, 3)
 
 # %% ../nbs/04b_sampling.ipynb #445c2d7e
-class PatchSampler:
+class PatchSampler(ABC):
     "Draws patch centres in a volume: `sampler(n, rng, shape, size, mask=..., weight=...)` is an (n, 3) int array"
     def __call__(self, n: int, # number of centres
                  rng: np.random.Generator, # source of randomness
@@ -47,9 +48,9 @@ class PatchSampler:
         if any(lo > hi for lo, hi in b): raise ValueError(f"{name}: volume {tuple(shape)} is smaller than the patch {tuple(size)}")
         return self.centres(n, rng, b, mask=mask, weight=weight, name=name)
 
+    @abstractmethod
     def centres(self, n: int, rng: np.random.Generator, bounds, mask=None, weight=None, name: str = 'volume') -> np.ndarray:
-        "`n` centres within `bounds` (the inclusive (lo, hi) per axis of `centre_bounds`)"
-        raise NotImplementedError
+        "`n` centres within `bounds` (the inclusive (lo, hi) per axis of `centre_bounds`); each sampler defines it"
     def __repr__(self): return f"{type(self).__name__}()"
 
 class UniformSampler(PatchSampler):

@@ -124,3 +124,11 @@ def test_tiles_are_for_validation_loaders(cases):
 ], ids=['default', 'ints', 'anatomical', 'anatomical-no-reorder', 'in-compose', 'never-flips', 'no-flip', 'none'])
 def test_flip_axes(tfms, reorder, expected):
     assert flip_axes(tfms, reorder) == expected
+
+
+def test_patch_sampler_is_abstract():
+    "A sampler must define `centres`: the base class cannot be used by itself"
+    import pytest
+    from patchfm.sampling import PatchSampler, UniformSampler
+    with pytest.raises(TypeError, match='centres'): PatchSampler()
+    assert UniformSampler()(4, __import__('numpy').random.default_rng(0), (10, 10, 10), (4, 4, 4)).shape == (4, 3)
