@@ -1,4 +1,5 @@
-"""`patch_learner` (a fastai `Learner` with patch-segmentation defaults in one call), `default_unet` and
+"""`patch_learner` (a fastai `Learner` with patch-segmentation defaults in one call), `PatchLearner` (the
+`Learner` it returns: it records its fit calls and tells callbacks when a fit raises), `default_unet` and
 `SlidingWindowDice`, the full-volume validation metric that predicts with the inference engine.
 
 Docs: https://patchfm.github.io/patchfm/learner.html.md"""
@@ -7,9 +8,13 @@ Docs: https://patchfm.github.io/patchfm/learner.html.md"""
 
 # %% ../nbs/09_learner.ipynb #20bdb41e
 from __future__ import annotations
+import inspect, warnings
+from contextlib import contextmanager
 
 import torch
 from fastai.learner import Learner, Metric
+from fastai.callback.core import (CancelBackwardException, CancelBatchException, CancelEpochException, CancelFitException,
+                                  CancelStepException, CancelTrainException, CancelValidException)
 import fastai.callback.all  # noqa: F401 (adds fit_one_cycle, lr_find, SaveModelCallback... to Learner)
 from fastcore.basics import store_attr
 from fastcore.meta import delegates
@@ -23,7 +28,7 @@ from .runtime import cpu_heap_cache
 from .models import unwrap_model
 
 # %% auto #0
-__all__ = ['SlidingWindowDice', 'default_unet', 'patch_learner']
+__all__ = ['SlidingWindowDice', 'PatchLearner', 'default_unet', 'patch_learner']
 
 # %% ../nbs/09_learner.ipynb #ba91e428
 class SlidingWindowDice(Metric):
@@ -81,6 +86,77 @@ class SlidingWindowDice(Metric):
         return d
 
 # %% ../nbs/09_learner.ipynb #df55b181
+_RECORDED = ('fit_one_cycle', 'fit_flat_cos', 'fit_sgdr', 'fine_tune')  # fastai's schedules (each calls `fit`)
+_NOT_RECORDED = ('self', 'cbs')
+_CANCELS = (CancelBackwardException, CancelBatchException, CancelEpochException, CancelFitException, CancelStepException,
+            CancelTrainException, CancelValidException)
+
+def _call_arguments(f, # the function called (a method: `self` is the first of `args`)
+                    *args, **kwargs) -> dict:
+    "The arguments of the call `f(*args, **kwargs)` by name, defaults filled in, `**kwargs` merged, `self`/`cbs` left out"
+    b = inspect.signature(f).bind(*args, **kwargs)
+    b.apply_defaults()
+    out = {}
+    for k, v in b.arguments.items():
+        kind = b.signature.parameters[k].kind
+        if kind is inspect.Parameter.VAR_KEYWORD: out.update(v)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL: out[k] = v
+    return {k: v for k, v in out.items() if k not in _NOT_RECORDED}
+
+def _recorded(name: str, # a fit method of fastai's `Learner`
+             ):
+    "fastai's `Learner.<name>`, recorded in `fit_calls` while it runs"
+    def _f(self, *args, **kwargs):
+        with self._recording(name, *args, **kwargs): return getattr(super(PatchLearner, self), name)(*args, **kwargs)
+    _f.__name__, _f.__qualname__ = name, f"PatchLearner.{name}"
+    _f.__doc__ = f"fastai's `Learner.{name}`, recorded in `fit_calls` while it runs"
+    return _f
+
+class PatchLearner(Learner):
+    "A fastai `Learner` that records its fit calls (`fit_calls`, `fit_count`) and sends `after_fit_exception` when a fit raises"
+    fit_calls = ()  # (method name, arguments) of the fit methods running now, outermost first
+    fit_count = 0  # outermost fits started so far
+    fit_exception = None  # the exception leaving the fit, while `after_fit_exception` is sent
+
+    fit_one_cycle, fit_flat_cos, fit_sgdr, fine_tune = map(_recorded, _RECORDED)
+
+    @contextmanager
+    def _recording(self, name: str, *args, **kwargs):
+        prev = self.fit_calls
+        self.fit_calls = prev + ((name, _call_arguments(getattr(Learner, name), self, *args, **kwargs)),)
+        try: yield
+        finally: self.fit_calls = prev
+
+    def fit(self,
+            n_epoch: int, # epochs to train
+            lr=None, # learning rate (default: `self.lr`)
+            wd=None, # weight decay (default: `self.wd`)
+            cbs=None, # callbacks for this fit only
+            reset_opt: bool = False, # start with a new optimiser
+            start_epoch: int = 0, # resume at this epoch
+           ):
+        "fastai's `fit`, recorded in `fit_calls`; an exception leaving the outermost fit is sent as `after_fit_exception`, then re-raised"
+        outermost = not any(name == 'fit' for name, _ in self.fit_calls)
+        if outermost: self.fit_count += 1
+        with self._recording('fit', n_epoch, lr, wd, cbs, reset_opt, start_epoch), self.added_cbs(cbs):  # attached while the event is sent
+            try: super().fit(n_epoch, lr, wd, reset_opt=reset_opt, start_epoch=start_epoch)
+            except _CANCELS: raise
+            except BaseException as e:
+                if outermost: self._send_fit_exception(e)
+                raise
+
+    def _send_fit_exception(self, e: BaseException, # the exception leaving the outermost fit
+                           ):
+        "Call `after_fit_exception` of every callback that has one, with `fit_exception` set to `e` meanwhile"
+        self.fit_exception = e
+        try:
+            for cb in self.ordered_cbs('after_fit_exception'):
+                try: cb('after_fit_exception')
+                except Exception as err: warnings.warn(f"{type(cb).__name__}.after_fit_exception failed ({type(err).__name__}: {err}); "
+                                                       f"the fit's own {type(e).__name__} is re-raised")
+        finally: self.fit_exception = None  # the traceback holds the fit's tensors: not kept after the event
+
+# %% ../nbs/09_learner.ipynb #9f819ebe
 def default_unet(in_channels: int, out_channels: int, patch_size=None,
                  channels=(16, 32, 64, 128), num_res_units: int = 2):
     "MONAI UNet with instance norm; the number of levels is capped so every level keeps >= 4 voxels of the patch"
@@ -111,8 +187,8 @@ def patch_learner(dls, # `MedPatchDataLoaders` (or any loaders yielding (B,C,X,Y
                   metrics=None, # default: AccumulatedDice (+ SlidingWindowDice when sw_every is set)
                   sw_every: int | None = None, # add full-volume validation Dice every `sw_every` epochs
                   sigmoid: bool = False, # binary problems: one sigmoid output channel instead of two softmax ones
-                  **kwargs) -> Learner: # passed to fastai's `Learner` (opt_func, wd, cbs, path, ...)
-    "A fastai Learner for patch-based segmentation with sensible defaults"
+                  **kwargs) -> PatchLearner: # passed to fastai's `Learner` (opt_func, wd, cbs, path, ...)
+    "A `PatchLearner` for patch-based segmentation with sensible defaults"
     n = _n_classes(dls, n_classes)
     n_out = 1 if (sigmoid and n == 2) else n
     for dl in getattr(dls, 'loaders', ()):  # patch loaders then name a mask whose values the model cannot predict
@@ -125,4 +201,4 @@ def patch_learner(dls, # `MedPatchDataLoaders` (or any loaders yielding (B,C,X,Y
     if metrics is None:
         metrics = [AccumulatedDice(n_classes=n)]
         if sw_every: metrics.append(SlidingWindowDice(n_classes=n, every=sw_every))
-    return Learner(dls, model, loss_func=loss_func, metrics=metrics, **kwargs)
+    return PatchLearner(dls, model, loss_func=loss_func, metrics=metrics, **kwargs)

@@ -16,14 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from fastai.learner import Learner
 
 from .config import PatchConfig
 from .core import MedMask, case_name, read_header, triple
 from .sampling import size_choices
 from .inference import patch_inference
 from fastcore.meta import delegates
-from .learner import patch_learner
+from .learner import PatchLearner, patch_learner
 from .metrics import calculate_dsc
 from .models import HyperUNet, learner_model, unet_divisor
 
@@ -100,8 +99,8 @@ def hyper_learner(dls, # `MedPatchDataLoaders` built with `patch_size_range` (se
                   reference_size=None, # size encoded as 0 ('log2') or 1 ('normalized'); default: config.patch_size
                   init_std: float | None = None, # std of the linear layers' init; default: 0.1 for 'log2', else 0.025
                   hyper_kwargs: dict | None = None, # other `HyperUNet` arguments (hidden, weight_bound, init_bias_std)
-                  **kwargs) -> Learner: # passed to `patch_learner` / fastai's `Learner` (sw_every, cbs, opt_func, wd, path...)
-    "A fastai Learner training a `HyperUNet` with the loaders' patch-size augmentation"
+                  **kwargs) -> PatchLearner: # passed to `patch_learner` / fastai's `Learner` (sw_every, cbs, opt_func, wd, path...)
+    "A `PatchLearner` training a `HyperUNet` with the loaders' patch-size augmentation"
     cfg = getattr(dls, 'patch_config', None)
     if not isinstance(cfg, PatchConfig):
         raise TypeError(f"hyper_learner needs MedPatchDataLoaders (loaders with a .patch_config), got {type(dls).__name__}")

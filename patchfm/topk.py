@@ -32,6 +32,7 @@ from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs
 from .inference import (preprocess_for_inference, probabilities_to_original, keep_largest_component, keep_largest_classes,
                                InferenceResults)
 from .models import learner_model, single_as_pair
+from .learner import PatchLearner
 
 # %% auto #0
 __all__ = ['STRATEGIES', 'gumbel_noise', 'gumbel_topk', 'ObjectnessHead', 'PatchRefiner', 'PatchBlender', 'zoom_indices',
@@ -452,8 +453,8 @@ def topk_learner(
     loss_func=None, # Default `TopKLoss()`
     metrics=None, # Default `TopKDice(n_classes)`
     **kwargs, # To fastai's `Learner` (opt_func, wd, cbs, ...)
-) -> Learner:
-    "A fastai Learner around a `TopKSegmenter`, trainable with `fit_one_cycle` on whole volumes."
+) -> PatchLearner:
+    "A `PatchLearner` around a `TopKSegmenter`, trainable with `fit_one_cycle` on whole volumes."
     config = config or getattr(dls, 'patch_config', None)
     if not isinstance(config, PatchConfig): raise ValueError("topk_learner needs a PatchConfig (config=, or dls.patch_config)")
     n = n_classes or getattr(dls, 'n_classes', None)
@@ -463,7 +464,7 @@ def topk_learner(
     local_net = local_net or default_local_net(in_ch, n, config.patch_size)
     model = TopKSegmenter(global_net, local_net, n, config.patch_size, config.overlap_voxels, down_size_rate,
                           k_train, k_random, k, 'topk', score_channels=score_channels, refine=refine)
-    return Learner(dls, model, loss_func=loss_func or TopKLoss(), metrics=metrics or [TopKDice(n)], **kwargs)
+    return PatchLearner(dls, model, loss_func=loss_func or TopKLoss(), metrics=metrics or [TopKDice(n)], **kwargs)
 
 # %% ../nbs/16_topk.ipynb #af900ae5
 def _topk_model(learner) -> TopKSegmenter:

@@ -7,14 +7,13 @@ Docs: https://patchfm.github.io/patchfm/tracking.html.md"""
 
 # %% ../nbs/12_tracking.ipynb #cc70cfbb
 from __future__ import annotations
-import functools, inspect, json, math, os, platform, re, sys, tempfile, time, warnings
+import atexit, functools, json, math, os, platform, re, tempfile, time, warnings, weakref
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import torch
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
 from fastai.learner import Recorder
 from fastcore.basics import store_attr
 from fastcore.meta import delegates
@@ -35,7 +34,6 @@ __all__ = ['MAX_PARAM_LENGTH', 'param_value', 'learner_params', 'flatten_metric'
 
 # %% ../nbs/12_tracking.ipynb #e3d1402f
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a parameter value
-_FIT_ARGS_SKIPPED = ('self', 'cbs')
 
 def _json_value(v):
     "A JSON-able version of `v` (numbers, strings, lists, dicts; reprs for the rest)"
@@ -107,18 +105,12 @@ def _optim_params(learn) -> dict:
     return out
 
 def _fit_params(learn) -> dict:
-    "The fastai fit method(s) running on `learn` and their arguments, read from the call stack (innermost wins)"
-    chain, args = [], {}
-    f = sys._getframe(1)
-    while f is not None:
-        name = f.f_code.co_name
-        if (name.startswith('fit') or name == 'fine_tune') and f.f_locals.get('self') is learn:
-            chain.append(name)
-            info = inspect.getargvalues(f)
-            for a in info.args:
-                if a not in _FIT_ARGS_SKIPPED: args.setdefault(f'fit_{a}', info.locals.get(a))
-        f = f.f_back
-    return dict(fit_method=' > '.join(reversed(chain)), **args) if chain else {}
+    "The fit method(s) a `PatchLearner` is running and their arguments (innermost wins); nothing for a plain `Learner`"
+    calls = tuple(getattr(learn, 'fit_calls', None) or ())
+    args = {}
+    for _, a in reversed(calls):
+        for k, v in a.items(): args.setdefault(f'fit_{k}', v)
+    return dict(fit_method=' > '.join(name for name, _ in calls), **args) if calls else {}
 
 def _tfm_reprs(tfms) -> list:
     if isinstance(tfms, Pipeline): tfms = tfms.fs
@@ -250,11 +242,22 @@ def check_monitor(learn, monitor: str) -> str:
 
 # %% ../nbs/12_tracking.ipynb #23e5937c
 _FATAL = ('connect to the store', 'create the run')
+_OPEN_RUNS = weakref.WeakSet()  # callbacks with an open run
+_STALE = 'the previous fit stopped without reaching after_fit'
+
+def _end_open_runs():
+    "At exit: end the runs of fits that stopped without `after_fit` (a plain `Learner` raised), `FAILED`"
+    for cb in list(_OPEN_RUNS):
+        try: cb._end('FAILED', error='the process ended before the fit reached after_fit')
+        except Exception as err: warnings.warn(f"MLflow tracking could not close run {cb.run_id} at exit: {err}", TrackingWarning)
+
+@functools.cache
+def _end_open_runs_at_exit(): atexit.register(_end_open_runs)  # at the first run, after MLflow's exit handlers: runs before them
 
 class MLflowCallback(Callback):
     "Log each fit as an MLflow run: parameters read from the learner, per-epoch metrics, config, split, curves and weights"
     order = Recorder.order + 1  # after the Recorder has this epoch's values
-    _stateattrs = ('_client', '_guarded', '_best_state')  # not pickled by `learn.export()`
+    _stateattrs = ('_client', '_best_state', '_learner')  # not pickled by `learn.export()`
 
     def __init__(self,
                  experiment_name: str | None = None, # MLflow experiment (default: `MLFLOW_EXPERIMENT_NAME` or 'patchfm')
@@ -277,13 +280,12 @@ class MLflowCallback(Callback):
         self.extra_params, self.tags = dict(extra_params or {}), dict(tags or {})
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.run_id, self.run_ids = None, []  # the run of the current/last fit, and every run this callback opened
-        self._client, self._experiment_id, self._guarded = None, None, None
-        self._st = SimpleNamespace(depth=0)  # mutated from the event wrapper without Callback.__setattr__
+        self._client, self._experiment_id, self._fit_no, self._learner = None, None, None, None
         self._new_fit_state()
 
     def _init_state(self):
         super()._init_state()
-        self._client, self._guarded, self._best_state = None, None, None
+        self._client, self._best_state, self._learner = None, None, None
 
     @property
     def name(self): return 'mlflow'  # `learn.mlflow`
@@ -293,7 +295,7 @@ class MLflowCallback(Callback):
     def _new_fit_state(self):
         self._in_fit, self._skip, self._nested, self._open, self._off = False, False, 0, False, False
         self._failures, self._history, self._t0, self._error = 0, [], None, None
-        self._best, self._best_epoch, self._best_state, self._cancelled = None, None, None, False
+        self._best, self._best_epoch, self._best_state, self._cancelled, self._n_epoch = None, None, None, False, None
 
     # Every MLflow call goes through `_call`, which turns an exception into a `TrackingWarning`. The store is opened
     # lazily (importing MLflow takes seconds), and a new experiment in a local SQLite store gets its artifact folder
@@ -332,16 +334,18 @@ class MLflowCallback(Callback):
             if exp is None: raise
             return exp.experiment_id
 
-    def _config(self): return self.patch_config or getattr(self.learn.dls, 'patch_config', None)
+    # A run belongs to the learner it was opened on: `_learner`, kept until the run ends (a callback passed to `fit()`
+    # is detached from the learner when that fit stops, also when it raises).
+    def _config(self): return self.patch_config or getattr(self._learner.dls, 'patch_config', None)
 
     def _pre_tfms(self):
-        return self.pre_patch_tfms if self.pre_patch_tfms is not None else getattr(self.learn.dls, 'pre_patch_tfms', None)
+        return self.pre_patch_tfms if self.pre_patch_tfms is not None else getattr(self._learner.dls, 'pre_patch_tfms', None)
 
     # Opening the run and the files logged at its start:
     def _description(self) -> dict:
         "Model class, constructor arguments, architecture and preprocessing, as logged in `model_description.json`"
         from patchfm.config import transform_to_spec
-        model = unwrap_model(self.learn.model)
+        model = unwrap_model(self._learner.model)
         try: d = model_spec(model, self.model_kwargs)
         except Exception as e: d = dict(model_class=f"{type(model).__module__}.{type(model).__qualname__}", model_kwargs=None, error=_compact(e))
         def spec(t):
@@ -353,8 +357,8 @@ class MLflowCallback(Callback):
 
     def _create_run(self, params: dict):
         from mlflow.tracking.context.registry import resolve_tags
-        tags = {'patchfm.version': patchfm.__version__, 'patchfm.fit_method': str(params.get('fit_method', 'fit')),
-                **{str(k): str(v) for k, v in self.tags.items()}}
+        tags = {'patchfm.version': patchfm.__version__, **{str(k): str(v) for k, v in self.tags.items()}}
+        if 'fit_method' in params: tags['patchfm.fit_method'] = str(params['fit_method'])  # known for a PatchLearner
         try: tags = resolve_tags(tags)  # user, source file, git commit
         except Exception: pass
         return self._client.create_run(self._experiment_id, run_name=self.run_name, tags=tags)
@@ -362,6 +366,7 @@ class MLflowCallback(Callback):
     def _start_run(self):
         "Connect, open the run, log the parameters and the files that describe the training"
         from mlflow.entities import Param
+        self._learner = self.learn
         self._experiment_id = self._call('connect to the store', self._connect)
         if self._experiment_id is None: return
         params = learner_params(self.learn, self.patch_config, self.pre_patch_tfms, self.model_kwargs)
@@ -370,7 +375,9 @@ class MLflowCallback(Callback):
         if run is None: return
         self.run_id = run.info.run_id
         self.run_ids.append(self.run_id)
-        self._open = True
+        self._open, self._n_epoch = True, getattr(self.learn, 'n_epoch', None)
+        _OPEN_RUNS.add(self)
+        _end_open_runs_at_exit()
         c, rid = self._client, self.run_id
         self._call('log the parameters', c.log_batch, rid, params=[Param(k, param_value(v)) for k, v in params.items()])
         cfg = self._config()
@@ -425,12 +432,12 @@ class MLflowCallback(Callback):
         with tempfile.TemporaryDirectory(prefix='patchfm-mlflow-') as d:
             p = Path(d) / folder
             extra = dict(run_id=self.run_id, weights=folder, monitor=self.monitor, best=_json_value(self._best), best_epoch=self._best_epoch)
-            try: save_model(self.learn, p, config=self._config(), pre_patch_tfms=self._pre_tfms(), model_kwargs=self.model_kwargs, extra=extra)
+            try: save_model(self._learner, p, config=self._config(), pre_patch_tfms=self._pre_tfms(), model_kwargs=self.model_kwargs, extra=extra)
             except (ValueError, TypeError) as e:
                 warnings.warn(f"the logged weights cannot be rebuilt by load_model_from_run ({_compact(e)}); only model.safetensors "
                               "is logged. Pass patch_config= and/or model_kwargs= to the callback to log complete models.", TrackingWarning)
                 p.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in unwrap_model(self.learn.model).state_dict().items()}, str(p / 'model.safetensors'))
+                save_file({k: v.detach().cpu().contiguous() for k, v in unwrap_model(self._learner.model).state_dict().items()}, str(p / 'model.safetensors'))
             if state is not None: save_file({k: v.contiguous() for k, v in state.items()}, str(p / 'model.safetensors'))
             self._client.log_artifacts(self.run_id, str(p), folder)
 
@@ -443,9 +450,9 @@ class MLflowCallback(Callback):
             self._client.log_artifact(self.run_id, str(f))
 
     def _note(self, status: str, error: str | None) -> str:
-        model = type(unwrap_model(self.learn.model)).__name__
+        model = type(unwrap_model(self._learner.model)).__name__
         cfg = self._config()
-        lines = [f"**{model}**, {len(self._history)} of {getattr(self.learn, 'n_epoch', '?')} epochs, {status.lower()}"
+        lines = [f"**{model}**, {len(self._history)} of {self._n_epoch or '?'} epochs, {status.lower()}"
                  + (f", patch size {cfg.patch_size}" if isinstance(cfg, PatchConfig) else '') + '.']
         if self._best is not None: lines.append(f"Best {self.monitor}: {self._best:.4g} at epoch {self._best_epoch}.")
         if error: lines.append(f"Error: `{error[:300]}`")
@@ -462,7 +469,7 @@ class MLflowCallback(Callback):
         self._client.log_batch(self.run_id, metrics=metrics, tags=tags)
 
     def _end(self, status: str, error: str | None = None):
-        "Log the closing files and metrics, mark the run `status` and remove the event wrapper"
+        "Log the closing files and metrics and mark the run `status`"
         try:
             if self._open:
                 self._call('log the loss curve', self._log_curves)
@@ -473,37 +480,8 @@ class MLflowCallback(Callback):
                 self._off = False  # always try to close the run, even after failed calls
                 self._call('end the run', self._client.set_terminated, self.run_id, status)
         finally:
-            self._open, self._in_fit, self._best_state = False, False, None
-            self._uninstall_guard()
-
-    # The event wrapper. It counts nested `_with_events` calls (epoch, train, batch, ...) so that it can tell a
-    # `before_fit` that comes from inside the fit (a nested `validate`) from a new fit, and ends the run when an
-    # exception leaves the outermost one. It chains to whatever was there before and is removed at the end of the fit.
-    def _install_guard(self):
-        self._st = st = SimpleNamespace(depth=0)  # fresh per fit: a wrapper that is unwinding keeps counting on its own
-        learn, cb = self.learn, self
-        prev = learn.__dict__.get('_with_events')
-        inner = prev or type(learn)._with_events.__get__(learn)
-        def _with_events(f, event_type, ex, final=lambda: None):
-            st.depth += 1
-            try: inner(f, event_type, ex, final)
-            except CancelFitException: raise
-            except BaseException as e:
-                if st.depth == 1: cb._abort(e)
-                raise
-            finally: st.depth -= 1
-        _with_events.patchfm_guard = (self, prev)
-        learn._with_events = _with_events
-        self._guarded = learn
-
-    def _uninstall_guard(self):
-        learn, self._guarded = self._guarded, None
-        if learn is None: return
-        cur = learn.__dict__.get('_with_events')
-        owner, prev = getattr(cur, 'patchfm_guard', (None, None))
-        if owner is not self: return
-        if prev is None: del learn.__dict__['_with_events']
-        else: learn.__dict__['_with_events'] = prev
+            self._open, self._in_fit, self._best_state, self._learner = False, False, None, None
+            _OPEN_RUNS.discard(self)
 
     def _abort(self, e: BaseException):
         "End the run of a fit that raised `e`: FAILED, or KILLED for Ctrl-C"
@@ -512,19 +490,31 @@ class MLflowCallback(Callback):
         try: self._end(status, error=f"{type(e).__name__}: {_compact(e)}")
         except Exception as err: warnings.warn(f"MLflow tracking could not close the failed run: {err}", TrackingWarning)
 
-    # The fastai events:
-    def before_fit(self):
-        if self._st.depth > 0: self._nested += 1; return  # validate()/fit() called from inside the tracked fit
-        if self._open: self._end('FAILED', error='the previous fit stopped without reaching after_fit')
-        self._uninstall_guard()
+    # A new fit, or one inside the tracked fit? A `PatchLearner` counts its outermost fits (`fit_count`): the same
+    # count means the same fit. A plain `Learner` does not: `before_fit` during a tracked fit is taken as nested,
+    # and `before_train` corrects it (validate/get_preds never train).
+    def _counts_fits(self) -> bool: return isinstance(getattr(self.learn, 'fit_count', None), int)
+
+    def _inside_tracked_fit(self) -> bool:
+        if not self._in_fit: return False
+        return self.learn.fit_count == self._fit_no if self._counts_fits() else True
+
+    def _begin_fit(self):
+        "Start following a new fit (ending a run a previous fit left open)"
+        if self._open: self._end('FAILED', error=_STALE)
         self._new_fit_state()
         from fastai.torch_core import rank_distrib
         self._skip = hasattr(self.learn, 'lr_finder') or hasattr(self.learn, 'gather_preds') or rank_distrib() != 0
-        self._in_fit = True
-        if not self._skip: self._install_guard()
+        self._in_fit, self._fit_no = True, getattr(self.learn, 'fit_count', None)
+
+    # The events:
+    def before_fit(self):
+        if self._inside_tracked_fit(): self._nested += 1; return  # validate()/fit() called from inside the tracked fit
+        self._begin_fit()
 
     def before_train(self):
         "Open the run when training starts (validate/get_preds also send before_fit but never train)"
+        if self._nested and not self._counts_fits(): self._begin_fit()  # a plain Learner's new fit after one that raised
         if self._in_fit and not (self._skip or self._nested or self._open or self._off): self._start_run()
 
     def before_epoch(self):
@@ -539,6 +529,10 @@ class MLflowCallback(Callback):
     def after_fit(self):
         if self._nested: self._nested -= 1; return
         if self._in_fit: self._end('FINISHED')
+
+    def after_fit_exception(self):
+        "Sent by a `PatchLearner` when an exception leaves the outermost fit (`learn.fit_exception`)"
+        if self._in_fit: self._abort(self.learn.fit_exception)
 
 # %% ../nbs/12_tracking.ipynb #a34a43c4
 @delegates(MLflowCallback)

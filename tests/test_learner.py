@@ -77,7 +77,9 @@ def demo_dls(tmp_path_factory):
 def test_patch_learner_fit_and_sliding_window_dice(demo_dls, tmp_path):
     from fastai.callback.tracker import SaveModelCallback
     from patchfm.learner import patch_learner, SlidingWindowDice
+    from patchfm.learner import PatchLearner
     learn = patch_learner(demo_dls, sw_every=1, path=tmp_path)
+    assert isinstance(learn, PatchLearner)
     assert isinstance(learn.metrics[1], SlidingWindowDice) and learn.model.out_channels == 3
     learn.fit(2, 1e-3, cbs=[SaveModelCallback(monitor='accumulated_dice', comp=np.greater, fname='best', with_opt=False)])
     names = learn.recorder.metric_names
@@ -120,3 +122,112 @@ def test_patch_learner_needs_n_classes(tmp_path):
     class D: patch_config = PatchConfig(patch_size=(16, 16, 16))
     with pytest.raises(ValueError, match='n_classes'):
         patch_learner(D())
+
+
+# --- PatchLearner: fit calls, fit count and the after_fit_exception event ---------------------------------------
+from fastai.callback.core import Callback, CancelFitException
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from torch.utils.data import TensorDataset
+from patchfm.learner import PatchLearner
+
+
+def tiny_learner(*cbs, **kwargs):
+    "A PatchLearner on 4 random 8^3 volumes: a 1x1x1 convolution learning y = 2x (a fit takes milliseconds)"
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, 8)
+    ds = TensorDataset(x, 2 * x)
+    dls = DataLoaders(DataLoader(ds, bs=2), DataLoader(ds, bs=2))
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.Conv3d(1, 1, 1))
+    return PatchLearner(dls, net, loss_func=torch.nn.MSELoss(), cbs=list(cbs),
+                        splitter=lambda m: [list(m[0].parameters()), list(m[1].parameters())], **kwargs)
+
+
+class Spy(Callback):
+    "Records what a callback can read from a PatchLearner"
+    def __init__(self): self.fits, self.errors = [], []
+    def before_fit(self): self.fits.append((self.learn.fit_count, self.learn.fit_calls))
+    def after_fit_exception(self): self.errors.append((self.learn.fit_exception, self.learn.fit_count))
+
+
+def raise_at(event, exc, epoch=0):
+    "A callback raising `exc` at `event` of epoch `epoch` (after the Recorder)"
+    def f(self):
+        if self.epoch == epoch: raise exc
+    return type('Raiser', (Callback,), {event: f, 'order': 90})()
+
+
+def test_patch_learner_records_fit_one_cycle_and_fine_tune():
+    spy = Spy()
+    learn = tiny_learner(spy)
+    assert learn.fit_calls == () and learn.fit_count == 0
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
+    (count, calls), = spy.fits
+    assert count == 1 and [n for n, _ in calls] == ['fit_one_cycle', 'fit']
+    assert calls[0][1] == dict(n_epoch=1, lr_max=1e-2, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
+                               reset_opt=False, start_epoch=0)
+    assert calls[1][1] == dict(n_epoch=1, lr=None, wd=None, reset_opt=False, start_epoch=0)  # fit_one_cycle calls fit without lr
+    assert learn.fit_calls == () and learn.fit_count == 1
+    spy.fits.clear()
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1, wd=0.1)
+    assert [c for c, _ in spy.fits] == [2, 3]  # fine_tune makes two fits
+    for (_, calls), pct in zip(spy.fits, (0.99, 0.3)):
+        assert [n for n, _ in calls] == ['fine_tune', 'fit_one_cycle', 'fit']
+        ft, oc = calls[0][1], calls[1][1]
+        assert (ft['epochs'], ft['base_lr'], ft['freeze_epochs'], ft['wd']) == (1, 1e-3, 1, 0.1) and 'cbs' not in ft
+        assert oc['pct_start'] == pct and oc['wd'] == 0.1
+    spy.fits.clear()
+    with learn.no_bar(), learn.no_logging(): learn.fit_flat_cos(1, 1e-3); learn.fit_sgdr(1, 1, 1e-3); learn.fit(1, 1e-3, wd=0.)
+    assert [[n for n, _ in calls] for _, calls in spy.fits] == [['fit_flat_cos', 'fit'], ['fit_sgdr', 'fit'], ['fit']]
+    assert spy.fits[-1][1][0][1]['lr'] == 1e-3 and learn.fit_count == 6 and not spy.errors
+
+
+def test_patch_learner_validate_is_not_a_fit():
+    spy = Spy()
+    learn = tiny_learner(spy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3); learn.validate(); learn.get_preds()
+    assert [(c, [n for n, _ in calls]) for c, calls in spy.fits] == [(1, ['fit']), (1, []), (1, [])]
+
+
+@pytest.mark.parametrize('exc', [RuntimeError('loss exploded'), KeyboardInterrupt()])
+def test_exception_event_sent_once_by_the_outermost_fit_and_reraised_unchanged(exc):
+    spy = Spy()
+
+    class NestedFit(Callback):
+        "Starts a fit (that raises) from inside the fit"
+        def after_epoch(self):
+            if self.learn.fit_count == 1: self.learn.fit(1, cbs=raise_at('after_batch', exc))
+    learn = tiny_learner(spy)
+    with pytest.raises(type(exc)) as info, learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-3, cbs=NestedFit())
+    assert info.value is exc  # the very exception, re-raised
+    assert len(spy.errors) == 1 and spy.errors[0][0] is exc and spy.errors[0][1] == 1
+    assert [c for c, _ in spy.fits] == [1, 1]  # the nested fit does not count as a new fit
+    assert learn.fit_calls == () and learn.fit_exception is None and not any(isinstance(cb, NestedFit) for cb in learn.cbs)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)  # the learner fits on
+    assert learn.fit_count == 2 and len(spy.errors) == 1
+
+
+def test_fit_cbs_hear_the_exception_and_a_failing_handler_is_a_warning():
+    heard = []
+    class Listener(Callback):
+        def after_fit_exception(self): heard.append(type(self.learn.fit_exception).__name__)
+    class Broken(Callback):
+        def after_fit_exception(self): raise ValueError('handler bug')
+    learn = tiny_learner()
+    with pytest.warns(UserWarning, match='Broken.after_fit_exception failed'), pytest.raises(RuntimeError, match='boom'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[Broken(), Listener(), raise_at('after_loss', RuntimeError('boom'))])
+    assert heard == ['RuntimeError']  # a callback passed to fit() is still attached when the event is sent
+
+
+def test_cancel_fit_is_no_exception_event():
+    spy = Spy()
+    learn = tiny_learner(spy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-3, cbs=raise_at('after_epoch', CancelFitException(), epoch=0))
+    assert len(learn.recorder.values) == 1 and not spy.errors and learn.fit_count == 1
+
+
+def test_plain_learner_unchanged():
+    "PatchLearner adds no event to a plain fastai Learner"
+    assert not hasattr(Learner, 'fit_calls') and Learner.fit is not PatchLearner.fit
+    assert Learner.fit_one_cycle is not PatchLearner.fit_one_cycle and PatchLearner.fit_one_cycle.__name__ == 'fit_one_cycle'

@@ -88,6 +88,8 @@ def test_hyper_learner_trains_on_varying_patch_sizes(demo):
     before = {k: v.detach().clone() for k, v in m.state_dict().items()}
     rec = RecordSizes()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 3e-3, cbs=rec)
+    from patchfm.learner import PatchLearner
+    assert isinstance(learn, PatchLearner) and learn.fit_count == 1
     assert len(rec.seen) == len(dls.train) >= 4
     assert len(set(rec.seen)) > 1, f"every batch had the same size: {rec.seen}"
     assert all(s in (8, 12, 16) for sh in rec.seen for s in sh)

@@ -178,8 +178,10 @@ def test_learner_fits_and_files_keep_geometry(demo, tmp_path):
     learn = topk_learner(dls, down_size_rate=2, k_train=2, k_random=1, k=3,
                          global_net=default_global_net(1, 3, 32, channels=(8, 16)),
                          local_net=default_local_net(1, 3, channels=(8, 16)))
+    from patchfm.learner import PatchLearner
+    assert isinstance(learn, PatchLearner)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 3e-3)
-    assert all(np.isfinite(v) for v in learn.recorder.values[-1][:2])
+    assert all(np.isfinite(v) for v in learn.recorder.values[-1][:2]) and learn.fit_count == 1
     for strategy in ('topk', 'zoom'):
         res = topk_inference(learn, cfg, list(demo.image), k=3, strategy=strategy, save_dir=tmp_path / strategy)
         assert not res.failed and len(res.paths) == 3 and len(res.timings) == 3

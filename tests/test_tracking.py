@@ -1,6 +1,6 @@
 """patchfm.tracking against real components: SQLite MLflow stores in tmp folders, real fastai fits of a tiny U-Net,
 and a real `mlflow server` on 127.0.0.1 (no mocks)."""
-import json, pickle, shutil, socket, urllib.request
+import json, os, pickle, shutil, socket, subprocess, sys, textwrap, urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlparse
@@ -21,6 +21,7 @@ import patchfm
 from patchfm.config import PatchConfig
 from patchfm.core import write_nifti
 from patchfm.inference import patch_inference
+from patchfm.learner import PatchLearner
 from patchfm.losses import default_loss
 from patchfm.metrics import AccumulatedDice
 from patchfm.models import UNet
@@ -31,8 +32,8 @@ from patchfm.mlflow_ui import MLflowUIManager, default_tracking_uri, free_port, 
 CFG = PatchConfig(patch_size=(8, 8, 8), samples_per_volume=2, queue_length=8)
 
 
-def make_learn(seed=0, patch_config=True, model=None, n_train=8, n_valid=4, **kwargs):
-    "A tiny segmentation problem (foreground = bright voxels) on random tensors, plain fastai loaders"
+def make_learn(seed=0, patch_config=True, model=None, n_train=8, n_valid=4, learner=PatchLearner, **kwargs):
+    "A tiny segmentation problem (foreground = bright voxels) on random tensors, plain fastai loaders; a PatchLearner by default"
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     def ds(n):
@@ -41,7 +42,7 @@ def make_learn(seed=0, patch_config=True, model=None, n_train=8, n_valid=4, **kw
     dls = DataLoaders.from_dsets(ds(n_train), ds(n_valid), bs=4, device='cpu', num_workers=0)
     if patch_config: dls.patch_config, dls.pre_patch_tfms = CFG, [tio.ZNormalization()]
     model = model or UNet(in_channels=1, out_channels=2, C=4, n_down=1, n_fix=1)
-    return Learner(dls, model, loss_func=default_loss(2), metrics=[AccumulatedDice(n_classes=2, per_class=True)], **kwargs)
+    return learner(dls, model, loss_func=default_loss(2), metrics=[AccumulatedDice(n_classes=2, per_class=True)], **kwargs)
 
 
 class Snapshots(Callback):
@@ -160,7 +161,7 @@ def test_raising_fit_ends_run_failed_and_reraises(tracked, event, exc, status):
     assert len(history(c, cb.run_id, 'valid_loss')) == 1  # epoch 0 only
     names = {a.path for a in c.list_artifacts(cb.run_id)}
     assert 'best_model' in names and 'final_model' not in names and 'loss_curve.png' in names
-    assert '_with_events' not in learn.__dict__  # the event wrapper is gone
+    assert not {'_with_events', 'fit', '__call__'} & set(vars(learn))  # nothing of fastai's is patched on the learner
     failed = cb.run_id
     with pytest.raises(exc, match='loss exploded'), learn.no_bar(): learn.fit(3, 1e-3, cbs=[cb, raiser(event, exc)])
     assert cb.run_id != failed and c.get_run(cb.run_id).info.status == status  # a second failure is caught as well
@@ -178,11 +179,12 @@ class ValidateEachEpoch(Callback):
         finally: self.busy = False
 
 
-def test_one_run_per_fit_and_none_for_validate_getpreds_lrfind(tracked, tmp_path):
+@pytest.mark.parametrize('learner', [PatchLearner, Learner])
+def test_one_run_per_fit_and_none_for_validate_getpreds_lrfind(tracked, tmp_path, learner):
     c = tracked.client
-    learn = make_learn(2)
+    learn = make_learn(2, learner=learner)
     learn.path = tmp_path  # lr_find saves a temporary model there
-    cb = MLflowCallback(experiment_name='one_run_per_fit', tracking_uri=tracked.uri)
+    cb = MLflowCallback(experiment_name=f'one_run_per_fit_{learner.__name__}', tracking_uri=tracked.uri)
     learn.add_cb(cb)
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-3)
@@ -192,11 +194,77 @@ def test_one_run_per_fit_and_none_for_validate_getpreds_lrfind(tracked, tmp_path
     learn.remove_cb(cb)
     clone = pickle.loads(pickle.dumps(cb))  # what learn.export() does with attached callbacks: the MLflow client is left out
     assert clone._client is None and clone.tracking_uri == cb.tracking_uri and cb._client is not None
-    exp = c.get_experiment_by_name('one_run_per_fit')
+    exp = c.get_experiment_by_name(f'one_run_per_fit_{learner.__name__}')
     runs = c.search_runs([exp.experiment_id])
     assert sorted(r.info.run_id for r in runs) == sorted(cb.run_ids) and len(runs) == 2
     assert all(r.info.status == 'FINISHED' for r in runs)
     assert [m.step for m in c.get_metric_history(cb.run_ids[1], 'valid_loss')] == [0, 1]  # nested validate logged nothing
+
+
+def test_fine_tune_runs_name_the_fit_method(tracked):
+    c = tracked.client
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.Conv3d(2, 2, 1))
+    learn = make_learn(7, patch_config=False, model=net, splitter=lambda m: [list(m[0].parameters()), list(m[1].parameters())])
+    cb = MLflowCallback(experiment_name='test_exp', tracking_uri=tracked.uri, log_model=False)
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, 1e-3, freeze_epochs=1, cbs=[cb])
+    assert len(cb.run_ids) == 2  # fine_tune makes two fits
+    for rid, pct in zip(cb.run_ids, (0.99, 0.3)):
+        run = c.get_run(rid)
+        p = run.data.params
+        assert run.info.status == 'FINISHED' and run.data.tags['patchfm.fit_method'] == p['fit_method'] == 'fine_tune > fit_one_cycle > fit'
+        assert float(p['fit_pct_start']) == pct and float(p['fit_base_lr']) == 1e-3 and p['fit_freeze_epochs'] == '1'
+
+
+def test_plain_learner_failed_run_is_ended_by_the_next_fit(tracked):
+    "A plain fastai Learner says nothing when a fit raises: its run stays open until the next fit, which ends it FAILED"
+    c = tracked.client
+    learn = make_learn(8, learner=Learner)
+    cb = MLflowCallback(experiment_name='plain_learner', tracking_uri=tracked.uri)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-3, cbs=[cb])
+        first = cb.run_id
+        with pytest.raises(RuntimeError, match='loss exploded'): learn.fit(3, 1e-3, cbs=[cb, raiser('after_epoch')])
+        failed = cb.run_id
+        assert c.get_run(failed).info.status == 'RUNNING'  # nobody told the callback yet
+        learn.validate()  # a validation in between is no new fit
+        assert c.get_run(failed).info.status == 'RUNNING'
+        learn.fit(1, 1e-3, cbs=[cb])
+    runs = [c.get_run(r) for r in (first, failed, cb.run_id)]
+    assert len(set(cb.run_ids)) == 3 and [r.info.status for r in runs] == ['FINISHED', 'FAILED', 'FINISHED']
+    assert runs[1].data.tags['patchfm.error'] == 'the previous fit stopped without reaching after_fit'
+    assert len(history(c, failed, 'valid_loss')) == 1 and 'best_model' in {a.path for a in c.list_artifacts(failed)}
+    assert len(history(c, cb.run_id, 'valid_loss')) == 1
+    assert 'fit_method' not in runs[0].data.params and 'patchfm.fit_method' not in runs[0].data.tags  # a plain Learner does not say
+    assert float(runs[0].data.params['lr']) == pytest.approx(1e-3) and runs[0].data.params['lr_schedule'] == 'ParamScheduler'
+
+
+def test_run_left_open_is_ended_at_exit(tracked):
+    "A script whose plain-Learner fit crashes: the run is ended FAILED when Python exits"
+    uri = tracked.uri  # a store whose tables exist already: the script starts faster
+    script = textwrap.dedent(f"""
+        import torch
+        import fastai.callback.all  # noqa: F401  (no_bar)
+        from fastai.callback.core import Callback
+        from fastai.data.core import DataLoaders
+        from fastai.learner import Learner
+        from patchfm.tracking import MLflowCallback
+        x = torch.rand(4, 1, 4, 4, 4)
+        dls = DataLoaders.from_dsets(list(zip(x, 2 * x)), list(zip(x, 2 * x)), bs=2, device='cpu', num_workers=0)
+        class Boom(Callback):
+            order = 90  # after the epoch is logged
+            def after_epoch(self):
+                if self.epoch == 1: raise RuntimeError('loss exploded')
+        learn = Learner(dls, torch.nn.Conv3d(1, 1, 1), loss_func=torch.nn.MSELoss())
+        cb = MLflowCallback(experiment_name='at_exit', tracking_uri={uri!r})
+        with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-3, cbs=[cb, Boom()])
+        """)
+    r = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    assert r.returncode == 1 and 'loss exploded' in r.stderr
+    c = tracked.client
+    (run,) = c.search_runs([c.get_experiment_by_name('at_exit').experiment_id])
+    assert run.info.status == 'FAILED' and run.data.tags['patchfm.error'] == 'the process ended before the fit reached after_fit'
+    assert len(history(c, run.info.run_id, 'valid_loss')) == 2
+    assert {'best_model', 'loss_curve.png'} <= {a.path for a in c.list_artifacts(run.info.run_id)}
 
 
 def test_unreachable_http_store_is_a_warning(monkeypatch):
