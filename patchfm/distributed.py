@@ -145,6 +145,9 @@ class DistributedPatchTrainer(Callback):
         if self.ddp is not None: self.learn.model = self.ddp
     def after_fit(self):
         if self.ddp is not None: self.learn.model, self.ddp = self.ddp.module, None
+    def after_fit_exception(self):
+        "A `PatchLearner`'s fit raised: unwrap at once (a plain `Learner` is unwrapped by the next `before_fit`)"
+        self.after_fit()
 
 def _noop(*args, **kwargs): pass
 
