@@ -16,8 +16,11 @@ Run from the repo root:  python benchmarks/topk.py [--quick] [--json-out FILE] [
 
 Times are in-memory `predict_topk` calls (preprocessed volume -> probabilities, no file I/O), summed over the
 held-out volumes, each timed on its second call (the first sets up the CPU kernels of its shapes); 2 threads. Dice is measured on the preprocessed grid against the
-preprocessed labels. `--realdata DIR` repeats it on the cases of ../shared/realdata/fetch.sh (labels binarised:
-foreground vs background), results under the JSON key "realdata".
+preprocessed labels. `--realdata DIR` repeats it on real scans (the folder of ../shared/realdata/fetch.sh) cut as
+benchmarks/accuracy.py cuts them: ct_kidneys (CT, both kidneys as one label: train on one kidney's side of the body,
+test on the other's; a small structure in a large volume, the case top-k is for) and cta_heart (CTA, the heart: train on
+one side, test on the other); 3 mm voxels, one training volume each (`--real-epochs` steps), results under the JSON key
+"realdata" by task.
 """
 import argparse, json, os, sys, tempfile, time, warnings
 from pathlib import Path
@@ -123,21 +126,18 @@ def demo_data(root, n_cases):
     return list(df.image), list(df.label)
 
 
-def real_data(root, tmp):
-    "Cases of ../shared/realdata/fetch.sh with labels binarised (written as NIfTI next to the originals' grid)."
-    import csv
-    import SimpleITK as sitk
-    root = Path(root)
-    rows = list(csv.DictReader(open(root / 'cases.csv')))
-    images, labels = [], []
-    for r in rows:
-        lab = sitk.ReadImage(str(root / r['label']))
-        binary = sitk.Cast(lab > 0, sitk.sitkUInt8)
-        binary.CopyInformation(lab)
-        out = Path(tmp) / f"{r['case']}_fg.nii.gz"
-        sitk.WriteImage(binary, str(out))
-        images.append(str(root / r['image'])); labels.append(str(out))
-    return images, labels
+REAL_TASKS = ('ct_kidneys', 'cta_heart')  # benchmarks/accuracy.py's cuts: a small and a medium structure
+
+
+def real_tasks(root, tmp, tasks=REAL_TASKS):
+    "benchmarks/accuracy.py's task cuts of the fetch.sh scans: per task (train image, train label, test image, test label)."
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from accuracy import make_task
+    out = {}
+    for t in tasks:
+        f = make_task(Path(root), t, Path(tmp) / t)
+        out[t] = ([f['train_image'], f['test_image']], [f['train_label'], f['test_label']])
+    return out
 
 
 def main():
@@ -147,7 +147,9 @@ def main():
     ap.add_argument('--realdata', help='folder of ../shared/realdata/fetch.sh (cases.csv): also benchmark those cases')
     ap.add_argument('--epochs', type=int, help='training epochs (default 25 quick, 150 full)')
     ap.add_argument('--cases', type=int, help='demo cases (default 10 quick, 16 full; the last 3 held out quick, 4 full)')
+    ap.add_argument('--real-epochs', type=int, default=400, help='training epochs of each real task (one volume: one step each)')
     ap.add_argument('--lr', type=float, default=1e-2)
+    ap.add_argument('--real-lr', type=float, default=3e-3, help='learning rate of the real tasks (benchmarks/accuracy.py\'s)')
     ap.add_argument('--global-channels', type=int, nargs='+', help='channels of the global UNet (default: default_global_net\'s)')
     args = ap.parse_args()
     warnings.filterwarnings('ignore')
@@ -168,13 +170,14 @@ def main():
         out.update(dataset='demo', n_cases=n_cases, patch_size=list(cfg.patch_size), target_spacing=list(cfg.target_spacing),
                    down_size_rate=3, threads=THREADS, quick=args.quick)
         if args.realdata:
-            images, labels = real_data(args.realdata, tmp)
             rcfg = PatchConfig(patch_size=(24, 24, 24), target_spacing=(3., 3., 3.), patch_overlap=0.5)
-            n = len(images)
-            rd = run(images, labels, [0, n - 1], rcfg, [ZNormalization()], epochs, args.lr, ks, n_random_seeds=3,
-                     label=f'real cases ({args.realdata}, binarised labels)', global_channels=args.global_channels)
-            rd.update(dataset=str(args.realdata), n_cases=n, target_spacing=list(rcfg.target_spacing))
-            out['realdata'] = rd
+            out['realdata'] = {}
+            for task, (images, labels) in real_tasks(args.realdata, tmp).items():
+                rd = run(images, labels, [1], rcfg, [ZNormalization()], args.real_epochs, args.real_lr, ks, n_random_seeds=3,
+                         label=f'real task {task} (benchmarks/accuracy.py cut: train on one side, test on the other)',
+                         global_channels=args.global_channels)
+                rd.update(dataset=str(args.realdata), task=task, n_cases=2, target_spacing=list(rcfg.target_spacing))
+                out['realdata'][task] = rd
     out['total_seconds'] = time.perf_counter() - t_start
     print(f"\ntotal {out['total_seconds']:.0f} s")
     if args.json_out:

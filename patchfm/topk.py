@@ -35,9 +35,10 @@ from .models import learner_model, single_as_pair
 from .learner import PatchLearner
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'gumbel_noise', 'gumbel_topk', 'ObjectnessHead', 'PatchRefiner', 'PatchBlender', 'zoom_indices',
-           'downsample_labels', 'TopKSegmenter', 'default_global_net', 'default_local_net', 'TopKLoss', 'TopKDice',
-           'VolumeDataset', 'volume_dataloaders', 'topk_learner', 'predict_topk', 'topk_inference']
+__all__ = ['STRATEGIES', 'gumbel_noise', 'gumbel_topk', 'ObjectnessHead', 'PatchRefiner', 'PatchBlender', 'suppressed_topk',
+           'even_chunks', 'zoom_indices', 'downsample_labels', 'TopKSegmenter', 'default_global_net',
+           'default_local_net', 'global_errors', 'objectness_loss', 'TopKLoss', 'TopKDice', 'VolumeDataset',
+           'volume_dataloaders', 'topk_learner', 'predict_topk', 'topk_inference']
 
 # %% ../nbs/16_topk.ipynb #4f830987
 _TINY_LOG = math.log(torch.finfo(torch.float32).tiny)  # log of the smallest normal float32, about -87.3
@@ -164,6 +165,32 @@ def _cover_starts(lo:int, hi:int, starts:list, p:int) -> list:
         pos = starts[i] + p
     return out
 
+def suppressed_topk(
+    scores:torch.Tensor, # (N,) objectness logits of the candidates
+    starts:torch.Tensor, # (N, 3) their starts (as `patch_grid`)
+    patch_size, # Their size (voxels)
+    k:int, # Candidates to pick (at most N)
+) -> torch.Tensor: # (min(k, N),) indices, in the order picked
+    "Greedy top-k that discounts each candidate by the share of its voxels already covered (soft non-maximum suppression)."
+    s, st = scores.detach().double().cpu().clone(), torch.as_tensor(starts).reshape(-1, 3).long().cpu()
+    ps = torch.as_tensor(tuple(patch_size), dtype=torch.long)
+    free = torch.ones(len(s), dtype=torch.double)  # each candidate's chance of holding voxels no pick covers yet
+    picked = []
+    for _ in range(min(int(k), len(s))):
+        val = torch.where(free > 0, s + free.clamp_min(1e-300).log(), -math.inf)
+        i = int(val.argmax())
+        picked.append(i)
+        shared = (ps - (st - st[i]).abs()).clamp_min(0).prod(-1).double() / float(ps.prod())
+        free = free * (1 - shared)  # the picked one drops to 0: never picked twice
+    return torch.tensor(picked, dtype=torch.long)
+
+def even_chunks(ix:torch.Tensor, # Indices to split
+                size:int, # Largest chunk
+               ) -> list: # ceil(len/size) chunks whose lengths differ by at most one
+    "Split `ix` into as few chunks of at most `size` as possible, of near-equal length (no lone one-patch batch)."
+    n = -(-len(ix) // max(1, int(size))) if len(ix) else 0
+    return list(torch.tensor_split(ix, n)) if n else []
+
 def zoom_indices(
     labels:torch.Tensor, # (X, Y, Z) integer label map (e.g. the upsampled global prediction)
     image_shape, patch_size, overlap, # Grid of the candidate patches (as `patch_grid`)
@@ -219,8 +246,9 @@ class TopKSegmenter(nn.Module):
         k_random:int=1, # Extra random foreground patches per volume in training (no gradient to the scorer)
         k:int|str=5, # Patches in evaluation (validation, `predict`): an int or 'all'
         strategy:str='topk', # Selection in evaluation: 'topk', 'sliding', 'random' or 'zoom'
+        spread:bool=True, # Top-k in evaluation discounts each candidate by the share of it the patches already picked cover (`suppressed_topk`); False: plain top-k
         tau:float=2/3, # Temperature of the Gumbel top-k
-        score_channels:int=32, # Extra global output channels read by the objectness head (0: read the logits)
+        score_channels:int=8, # Extra global output channels read by the objectness head (0: read the logits)
         refine:bool=True, # Refine patch logits with the global logits (`PatchRefiner`); False: identity
         sigma_scale:float=0.125, # Gaussian blending window: sigma = patch * sigma_scale
         global_divisor:int|None=None, # The global net needs sizes divisible by this (default: product of its strides)
@@ -232,12 +260,13 @@ class TopKSegmenter(nn.Module):
                             ('k_random', k_random, 0), ('score_channels', score_channels, 0)):
             if isinstance(v, bool) or not isinstance(v, Integral) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
+        if not isinstance(spread, bool): raise ValueError(f"spread must be True or False; got {spread!r}")
         self.global_net, self.local_net = global_net, local_net
         self.scorer = ObjectnessHead(score_channels or n_classes)
         self.refiner = PatchRefiner(n_classes) if refine else None
         self.patch_size = tuple(int(p) for p in (patch_size if not isinstance(patch_size, Integral) else (patch_size,) * 3))
         self.register_buffer('window', patch_window(self.patch_size, 'gaussian', sigma_scale=sigma_scale), persistent=False)
-        store_attr('n_classes,overlap,down_size_rate,k_train,k_random,k,strategy,tau,score_channels,eval_batch_size')
+        store_attr('n_classes,overlap,down_size_rate,k_train,k_random,k,strategy,spread,tau,score_channels,eval_batch_size')
         div = global_divisor if global_divisor is not None else _net_divisor(global_net)
         self.multiple = int(down_size_rate * div)
 
@@ -279,7 +308,9 @@ class TopKSegmenter(nn.Module):
         k = min(_check_k(k, 10**12, 'k'), N)  # k > N: every candidate (clamped)
         if strategy == 'random': return list(self._random_fg(fg_cells, k, generator=generator).cpu())
         if strategy != 'topk': raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
-        return list(scores.topk(k, -1).indices.cpu())
+        if not self.spread: return list(scores.topk(k, -1).indices.cpu())
+        starts = patch_grid(xp_shape, self.patch_size, self.overlap)
+        return [suppressed_topk(s, starts, self.patch_size, k) for s in scores.detach().cpu()]
 
     def _local(self, patches, gpatch):
         out = single_as_pair(self.local_net, patches)
@@ -313,8 +344,8 @@ class TopKSegmenter(nn.Module):
         else:
             for b, ix in enumerate(self.select(scores, fg_cells, gup, tuple(xp.shape[2:]))):
                 bl, pls = PatchBlender(gup[b], self.window), []
-                for i in range(0, len(ix), self.eval_batch_size):
-                    st = starts[ix[i:i + self.eval_batch_size]]
+                for chunk in even_chunks(ix, self.eval_batch_size):
+                    st = starts[chunk]
                     pl = self._local(extract_patches(xp[b], st, self.patch_size), extract_patches(gup[b], st, self.patch_size))
                     bl.add(pl, st); pls.append(pl)
                 out.append(bl.result())
@@ -322,10 +353,10 @@ class TopKSegmenter(nn.Module):
         logits = torch.stack(out)[..., :shape[0], :shape[1], :shape[2]]
         return dict(logits=logits, global_logits=glog, scores=scores, patch_logits=patch_logits,
                     patch_starts=[starts[i] for i in sel_idx], n_patches=[len(i) for i in sel_idx],
-                    padded_shape=ps, patch_size=self.patch_size, down_size_rate=self.down_size_rate)
+                    candidate_starts=starts, padded_shape=ps, patch_size=self.patch_size, down_size_rate=self.down_size_rate)
 
 # %% ../nbs/16_topk.ipynb #ea3e9d1a
-def default_global_net(in_channels:int, n_classes:int, score_channels:int=32, channels=(16, 32, 64, 128)):
+def default_global_net(in_channels:int, n_classes:int, score_channels:int=8, channels=(16, 32, 64, 128)):
     "MONAI UNet for the global branch: outputs the logits and the `score_channels` features of the objectness head."
     from monai.networks.nets import UNet
     return UNet(spatial_dims=3, in_channels=in_channels, out_channels=n_classes + score_channels, channels=tuple(channels),
@@ -341,17 +372,41 @@ def default_local_net(in_channels:int, n_classes:int, patch_size=None, channels=
                 strides=(2,) * (len(chans) - 1), num_res_units=1, norm='instance')
 
 # %% ../nbs/16_topk.ipynb #234b02bc
+def global_errors(
+    global_logits:torch.Tensor, # (B, C, x, y, z) low-resolution logits
+    targ:torch.Tensor, # (B, 1, X, Y, Z) labels on the padded full-resolution grid
+    starts:torch.Tensor, # (N, 3) candidate starts
+    patch_size, # Candidate size (voxels)
+) -> torch.Tensor: # (B, N) voxels each candidate would correct if its patch were right
+    "Per candidate, the voxels where the upsampled global prediction disagrees with the labels."
+    with torch.no_grad():
+        gup = F.interpolate(global_logits.detach().float(), size=tuple(targ.shape[2:]), mode='trilinear', align_corners=False)
+        return _cell_counts(gup.argmax(1) != targ[:, 0], torch.as_tensor(starts), patch_size).float()
+
+def objectness_loss(
+    scores:torch.Tensor, # (B, N) objectness logits (cells the global prediction calls background carry `_TINY_LOG`)
+    errors:torch.Tensor, # (B, N) target weights, e.g. `global_errors`
+) -> torch.Tensor: # scalar: mean over the batch of KL(target || softmax(scores))
+    "KL divergence from the patch distribution to the errors normalised over the selectable cells (uniform where none)."
+    allowed = scores.detach() > _TINY_LOG / 2
+    q = errors.float() * allowed
+    tot = q.sum(-1, keepdim=True)
+    q = torch.where(tot > 0, q / tot.clamp_min(1e-12), allowed.float() / allowed.sum(-1, keepdim=True).clamp_min(1))
+    lp = torch.log_softmax(scores, -1)
+    return (torch.xlogy(q, q) - q * lp).sum(-1).mean()
+
 class TopKLoss:
     "DiceCE(blended) + DiceCE(global, low-res) + DiceCE(local patches) - entropy_weight * entropy(patch distribution)."
     def __init__(self,
         global_weight:float=1., local_weight:float=1., # Weights of the global and local terms
         entropy_weight:float=1e-5, # Weight of the entropy bonus of the patch distribution
+        objectness_weight:float=1., # Weight of the objectness supervision: KL from softmax(scores) to where the global prediction is wrong (0: off, as the original)
     ):
         from monai.losses import DiceCELoss
         store_attr()
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    def __repr__(self): return f"{type(self).__name__}(global_weight={self.global_weight}, local_weight={self.local_weight}, entropy_weight={self.entropy_weight})"
+    def __repr__(self): return f"{type(self).__name__}(global_weight={self.global_weight}, local_weight={self.local_weight}, entropy_weight={self.entropy_weight}, objectness_weight={self.objectness_weight})"
 
     def __call__(self, pred:dict, targ:torch.Tensor) -> torch.Tensor:
         targ = targ.as_subclass(torch.Tensor).long()
@@ -366,6 +421,9 @@ class TopKLoss:
         if self.local_weight and pls:
             yl = torch.cat([extract_patches(tp[b], s, pred['patch_size']) for _, s, b in pls])
             loss = loss + self.local_weight * self.dice_ce(torch.cat([p for p, _, _ in pls]), yl)
+        if self.objectness_weight and 'candidate_starts' in pred:
+            err = global_errors(glog, tp, pred['candidate_starts'], pred['patch_size'])
+            loss = loss + self.objectness_weight * objectness_loss(pred['scores'], err)
         if self.entropy_weight:
             lp = torch.log_softmax(pred['scores'], -1)
             loss = loss - self.entropy_weight * (-(lp.exp() * lp).sum(-1)).mean()
@@ -448,7 +506,7 @@ def topk_learner(
     k_train:int=4, # Gumbel top-k patches per volume in training
     k_random:int=1, # Random foreground patches per volume in training
     k:int|str=5, # Patches per volume in validation
-    score_channels:int=32, # Extra global channels for the objectness head
+    score_channels:int=8, # Extra global channels for the objectness head
     refine:bool=True, # Refine the patch logits with the global ones
     loss_func=None, # Default `TopKLoss()`
     metrics=None, # Default `TopKDice(n_classes)`

@@ -9,7 +9,8 @@ from patchfm.core import read_header
 from patchfm.grid import patch_grid, extract_patches
 from patchfm.inference import predict_volume
 from patchfm.topk import (gumbel_topk, TopKSegmenter, TopKLoss, default_global_net, default_local_net, predict_topk,
-                          topk_inference, topk_learner, volume_dataloaders, zoom_indices, PatchBlender, STRATEGIES)
+                          topk_inference, topk_learner, volume_dataloaders, zoom_indices, PatchBlender, STRATEGIES,
+                          suppressed_topk, global_errors, objectness_loss)
 
 warnings.filterwarnings('ignore', message='.*torch.jit.script.*')
 torch.set_num_threads(2)
@@ -140,6 +141,45 @@ def test_random_prefers_foreground_cells():
     assert sorted(idx[0].tolist()) == [4, 9, 17]
 
 
+def test_topk_strategy_spreads_its_patches():
+    "Evaluation top-k discounts candidates covered by earlier picks (soft suppression); spread=False is plain top-k"
+    m = tiny_model().eval()
+    starts = patch_grid((48, 48, 48), 16, 0.5)
+    scores = (-starts.float().norm(dim=1) / 16)[None]  # one peak at the corner: plain top-k picks its neighbours
+    fg = torch.ones_like(scores, dtype=torch.bool)
+    plain = scores[0].topk(4).indices
+    spread = m.select(scores, fg, None, (48, 48, 48), k=4)[0]
+    assert len(set(spread.tolist())) == 4 and spread[0] == plain[0]
+    def shared(idx):
+        st = starts[idx]
+        sh = (16 - (st[:, None] - st[None]).abs()).clamp_min(0).prod(-1).float() / 16 ** 3
+        return sh[~torch.eye(len(idx), dtype=torch.bool)].sum()
+    assert shared(spread) < shared(plain)  # the picks overlap less
+    m.spread = False
+    assert m.select(scores, fg, None, (48, 48, 48), k=4)[0].tolist() == plain.tolist()
+    # k above the candidates: every one once, best first
+    allp = suppressed_topk(scores[0], starts, (16, 16, 16), 1000)
+    assert sorted(allp.tolist()) == list(range(len(starts))) and allp[0] == scores[0].argmax()
+
+
+def test_objectness_loss_targets_global_errors():
+    y = torch.zeros(2, 1, 32, 32, 32, dtype=torch.long); y[0, 0, 20:28, 20:28, 20:28] = 1
+    glog = torch.zeros(2, 2, 16, 16, 16); glog[:, 0] = 1.  # background everywhere: wrong only on volume 0's cube
+    starts = patch_grid((32, 32, 32), 16, 0.5)
+    err = global_errors(glog, y, starts, (16, 16, 16))
+    assert err.shape == (2, len(starts)) and err[1].sum() == 0
+    assert err[0].max() == 512 and int((err[0] > 0).sum()) == sum(1 for s in starts.tolist() if all(a + 16 > 20 and a < 28 for a in s))
+    # volume 1 has no error: its target is uniform over the selectable cells (zero loss for flat scores)
+    assert objectness_loss(torch.zeros(1, len(starts)), err[1:]) < 1e-6
+    # TopKLoss adds exactly this term to the original loss
+    m = tiny_model(n_classes=2, down=2).train()
+    torch.manual_seed(3); o = m(torch.randn(2, 1, 32, 32, 32))
+    tp = y
+    extra = TopKLoss()(o, y) - TopKLoss(objectness_weight=0.)(o, y)
+    expect = objectness_loss(o['scores'], global_errors(o['global_logits'], tp, o['candidate_starts'], o['patch_size']))
+    assert torch.allclose(extra, expect, atol=1e-5) and expect > 0
+
+
 # ---------------------------------------------------------------- training
 def test_training_step_reaches_scorer_and_both_nets():
     m = tiny_model(n_classes=3, refine=True, k_train=2, k_random=1).train()
@@ -161,6 +201,8 @@ def test_bad_global_net_channels_and_args():
     with pytest.raises(ValueError, match='n_classes \\+ score_channels'): m(torch.randn(1, 1, 32, 32, 32))
     with pytest.raises(ValueError, match='strategy'): tiny_model(strategy='nope')
     with pytest.raises(ValueError, match='k_train'): tiny_model(k_train=0)
+    for bad in (1, 'yes', None):
+        with pytest.raises(ValueError, match='spread'): tiny_model(spread=bad)
     with pytest.raises(TypeError, match='TopKSegmenter'): predict_topk(torch.nn.Conv3d(1, 1, 1), torch.zeros(1, 8, 8, 8))
 
 
@@ -176,7 +218,7 @@ def test_learner_fits_and_files_keep_geometry(demo, tmp_path):
     dls = volume_dataloaders(demo.image, demo.label, cfg, [ZNormalization()], valid_idx=[2])
     assert dls.n_classes == 3 and dls.n_channels == 1
     learn = topk_learner(dls, down_size_rate=2, k_train=2, k_random=1, k=3,
-                         global_net=default_global_net(1, 3, 32, channels=(8, 16)),
+                         global_net=default_global_net(1, 3, channels=(8, 16)),
                          local_net=default_local_net(1, 3, channels=(8, 16)))
     from patchfm.learner import PatchLearner
     assert isinstance(learn, PatchLearner)
