@@ -19,10 +19,12 @@ held-out volumes, each timed on its second call (the first sets up the CPU kerne
 preprocessed labels. `--realdata DIR` repeats it on real scans (the folder of ../shared/realdata/fetch.sh) cut as
 benchmarks/accuracy.py cuts them: ct_kidneys (CT, both kidneys as one label: train on one kidney's side of the body,
 test on the other's; a small structure in a large volume, the case top-k is for) and cta_heart (CTA, the heart: train on
-one side, test on the other); 3 mm voxels, one training volume each (`--real-epochs` steps), results under the JSON key
-"realdata" by task.
+one side, test on the other); 3 mm voxels, the training side and its mirror image as the two training volumes
+(`--real-epochs`, lr `--real-lr`), results under the JSON key "realdata" by task.
 """
 import argparse, json, os, sys, tempfile, time, warnings
+
+import numpy as np
 from pathlib import Path
 
 THREADS = 2
@@ -44,6 +46,7 @@ def _evaluate(learn, cases, n_classes, k, strategy, seeds=(None,)):
     "Mean Dice, summed seconds and mean number of patches of one strategy over the held-out cases."
     import torch
     from patchfm.topk import predict_topk
+    from patchfm.grid import probs_to_labels
     dice, secs, npat = [], 0., []
     for j, seed in enumerate(seeds):
         for x, y in cases:
@@ -51,7 +54,7 @@ def _evaluate(learn, cases, n_classes, k, strategy, seeds=(None,)):
             if j == 0: predict_topk(learn, x, k, strategy, batch_size=4, seed=seed)
             t0 = time.perf_counter()
             p, n = predict_topk(learn, x, k, strategy, batch_size=4, seed=seed)
-            lab = p.argmax(0)
+            lab = probs_to_labels(p)  # what topk_inference does (a channel loop: torch's argmax(0) is slow on CPU)
             secs += time.perf_counter() - t0
             dice.append(_dice(lab, y[0], n_classes)); npat.append(n)
     return sum(dice) / len(dice), secs / len(seeds), sum(npat) / len(npat)
@@ -129,14 +132,31 @@ def demo_data(root, n_cases):
 REAL_TASKS = ('ct_kidneys', 'cta_heart')  # benchmarks/accuracy.py's cuts: a small and a medium structure
 
 
+def _mirrored(image, label, axis, out_dir):
+    "The training side flipped along the voxel axis of the left-right cut (the affine kept): a copy the other side resembles."
+    import nibabel as nib
+    out = []
+    for f, name in ((image, 'train_flip_image.nii.gz'), (label, 'train_flip_label.nii.gz')):
+        im = nib.load(f)
+        a = np.flip(np.asarray(im.dataobj), axis).copy()
+        new = nib.Nifti1Image(a, im.affine); new.set_qform(im.affine, 1); new.set_sform(im.affine, 1)
+        nib.save(new, str(Path(out_dir) / name)); out.append(str(Path(out_dir) / name))
+    return out
+
+
 def real_tasks(root, tmp, tasks=REAL_TASKS):
-    "benchmarks/accuracy.py's task cuts of the fetch.sh scans: per task (train image, train label, test image, test label)."
+    """benchmarks/accuracy.py's task cuts of the fetch.sh scans, per task ([train, train mirrored, test] images, labels).
+    The whole-volume learner has no geometric augmentation, and one volume overfits within a hundred steps: the
+    mirrored copy of the training side stands in for accuracy.py's random flips."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from accuracy import make_task
+    import nibabel as nib
+    from accuracy import make_task, _axis_of
     out = {}
     for t in tasks:
         f = make_task(Path(root), t, Path(tmp) / t)
-        out[t] = ([f['train_image'], f['test_image']], [f['train_label'], f['test_label']])
+        ax = _axis_of(nib.load(f['train_image']).affine, 'R')
+        fi, fl = _mirrored(f['train_image'], f['train_label'], ax, Path(tmp) / t)
+        out[t] = ([f['train_image'], fi, f['test_image']], [f['train_label'], fl, f['test_label']])
     return out
 
 
@@ -147,7 +167,7 @@ def main():
     ap.add_argument('--realdata', help='folder of ../shared/realdata/fetch.sh (cases.csv): also benchmark those cases')
     ap.add_argument('--epochs', type=int, help='training epochs (default 25 quick, 150 full)')
     ap.add_argument('--cases', type=int, help='demo cases (default 10 quick, 16 full; the last 3 held out quick, 4 full)')
-    ap.add_argument('--real-epochs', type=int, default=400, help='training epochs of each real task (one volume: one step each)')
+    ap.add_argument('--real-epochs', type=int, default=60, help='training epochs of each real task (two volumes: two steps each)')
     ap.add_argument('--lr', type=float, default=1e-2)
     ap.add_argument('--real-lr', type=float, default=3e-3, help='learning rate of the real tasks (benchmarks/accuracy.py\'s)')
     ap.add_argument('--global-channels', type=int, nargs='+', help='channels of the global UNet (default: default_global_net\'s)')
@@ -173,10 +193,10 @@ def main():
             rcfg = PatchConfig(patch_size=(24, 24, 24), target_spacing=(3., 3., 3.), patch_overlap=0.5)
             out['realdata'] = {}
             for task, (images, labels) in real_tasks(args.realdata, tmp).items():
-                rd = run(images, labels, [1], rcfg, [ZNormalization()], args.real_epochs, args.real_lr, ks, n_random_seeds=3,
+                rd = run(images, labels, [2], rcfg, [ZNormalization()], args.real_epochs, args.real_lr, ks, n_random_seeds=3,
                          label=f'real task {task} (benchmarks/accuracy.py cut: train on one side, test on the other)',
                          global_channels=args.global_channels)
-                rd.update(dataset=str(args.realdata), task=task, n_cases=2, target_spacing=list(rcfg.target_spacing))
+                rd.update(dataset=str(args.realdata), task=task, n_cases=3, target_spacing=list(rcfg.target_spacing))
                 out['realdata'][task] = rd
     out['total_seconds'] = time.perf_counter() - t_start
     print(f"\ntotal {out['total_seconds']:.0f} s")

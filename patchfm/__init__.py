@@ -21,6 +21,7 @@ Modules:
 - `patchfm.stream`: The worker side of the patch loaders: `PatchSource` (key -> the patches of one subject), the keys of each epoch and their shards, shared-memory slots and batch memory, and `PatchStream` (the worker processes and the shuffle buffer a `PatchDataLoader` draws its batches from).
 - `patchfm.subjects`: The subjects of a split as paths (no voxel is read until a worker visits them), the checks made from their headers, the number of validation tiles and the train/validation split.
 - `patchfm.topk`: Learn which few full-resolution patches are worth a forward pass: a low-resolution global network scores every candidate patch, a differentiable Gumbel top-k picks K of them, a local network segments only those, and the global prediction fills the rest of the volume ("No More Sliding Window", arXiv 2501.10814).
-- `patchfm.tracking`: A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the PatchConfig, the data split, a loss curve and pickle-free weights) and reloading a model from a run."""
+- `patchfm.tracking`: A fastai callback that logs a fit to MLflow (parameters read from the learner, per-epoch metrics, the PatchConfig, the data split, a loss curve and pickle-free weights) and reloading a model from a run.
+- `patchfm.volumes`: `volume_dataloaders`: fastai DataLoaders of whole preprocessed (image, label) volumes, the input of `patchfm.topk.topk_learner` (its global branch sees the whole volume)."""
 
 __version__ = "0.1.0"

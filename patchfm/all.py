@@ -51,5 +51,6 @@ __all__ = ['tio', 'ZNormalization', 'RescaleIntensity', 'Clamp', 'Resample', 'To
                                  patchfm.mlflow_ui, patchfm.tracking, patchfm.plot, patchfm.demo) for n in m.__all__]
 import fastai.basics, fastai.callback.all
 __all__ += [n for n in dir(fastai.basics) if not n.startswith('_')] + [n for n in dir(fastai.callback.all) if not n.startswith('_')]
+from .volumes import *; import patchfm.volumes; __all__ += patchfm.volumes.__all__  # whole-volume loaders (16a_volumes)
 from .topk import *; import patchfm.topk; __all__ += patchfm.topk.__all__  # top-k patch inference (16_topk)
 from .distributed import *; import patchfm.distributed; __all__ += patchfm.distributed.__all__  # multi-process training (17_distributed)

@@ -20,15 +20,14 @@ from scipy import ndimage
 from fastcore.basics import store_attr
 from fastcore.meta import delegates
 from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Learner, Metric
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 
 from .config import PatchConfig
 from .core import case_name, write_nifti, MedMask
 from .regrid import is_exact_regrid, restore_to_original
-from .preprocess import preprocess_subject
-from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs_to_labels
+from .volumes import VolumeDataset, volume_dataloaders  # re-exported: the whole-volume loaders of `topk_learner`
+from .grid import patch_grid, patch_starts, extract_patches, patch_window, probs_to_labels, channel_argmax
 from .inference import (preprocess_for_inference, probabilities_to_original, keep_largest_component, keep_largest_classes,
                                InferenceResults)
 from .models import learner_model, single_as_pair
@@ -37,8 +36,8 @@ from .learner import PatchLearner
 # %% auto #0
 __all__ = ['STRATEGIES', 'gumbel_noise', 'gumbel_topk', 'ObjectnessHead', 'PatchRefiner', 'PatchBlender', 'suppressed_topk',
            'even_chunks', 'zoom_indices', 'downsample_labels', 'TopKSegmenter', 'default_global_net',
-           'default_local_net', 'global_errors', 'objectness_loss', 'TopKLoss', 'TopKDice', 'VolumeDataset',
-           'volume_dataloaders', 'topk_learner', 'predict_topk', 'topk_inference']
+           'default_local_net', 'global_errors', 'objectness_loss', 'TopKLoss', 'TopKDice', 'topk_learner',
+           'predict_topk', 'topk_inference']
 
 # %% ../nbs/16_topk.ipynb #4f830987
 _TINY_LOG = math.log(torch.finfo(torch.float32).tiny)  # log of the smallest normal float32, about -87.3
@@ -304,7 +303,7 @@ class TopKSegmenter(nn.Module):
         N = scores.shape[-1]
         if strategy == 'sliding' or k == 'all': return [torch.arange(N)] * len(scores)
         if strategy == 'zoom':
-            return [zoom_indices(g.argmax(0), xp_shape, self.patch_size, self.overlap) for g in gup]
+            return [zoom_indices(channel_argmax(g), xp_shape, self.patch_size, self.overlap) for g in gup]
         k = min(_check_k(k, 10**12, 'k'), N)  # k > N: every candidate (clamped)
         if strategy == 'random': return list(self._random_fg(fg_cells, k, generator=generator).cpu())
         if strategy != 'topk': raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
@@ -445,54 +444,6 @@ class TopKDice(Metric):
         return float(d[~d.isnan()].mean()) if (~d.isnan()).any() else float('nan')
     @property
     def name(self): return 'topk_dice'
-
-# %% ../nbs/16_topk.ipynb #c60d2cda
-class VolumeDataset(torch.utils.data.Dataset):
-    "Preprocessed whole (image, label) volumes, kept in memory."
-    def __init__(self, images, labels, config:PatchConfig, pre_tfms=None):
-        if len(images) != len(labels): raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.items = []
-        for im, lb in zip(images, labels):
-            out = preprocess_subject(im, config, pre_tfms, mask=lb, pad=False)
-            self.items.append((out['image'].float().contiguous(), out['mask'].long().contiguous()))
-    def __len__(self): return len(self.items)
-    def __getitem__(self, i): return self.items[i]
-
-def _pad_collate(batch):
-    shape = [max(b[0].shape[d] for b in batch) for d in (1, 2, 3)]
-    def pad(t): return F.pad(t, [v for s, p in zip(reversed(t.shape[1:]), reversed(shape)) for v in (0, p - s)])
-    return torch.stack([pad(x) for x, _ in batch]), torch.stack([pad(y) for _, y in batch])
-
-def volume_dataloaders(
-    images, # Image paths (an item may be a list of per-channel files)
-    labels, # Label-map paths, same order
-    config:PatchConfig, # Preprocessing (orientation, spacing) and the patch size/overlap of the candidates
-    pre_tfms=None, # TorchIO intensity transforms after the geometry (e.g. [ZNormalization()])
-    valid_pct:float=0.2, # Fraction of cases held out (ignored if `valid_idx` is given)
-    valid_idx=None, # Indices of the validation cases
-    bs:int=1, # Volumes per batch
-    seed:int=42, # Seed of the split and of the shuffling
-    device=None, # Device of the batches (default: CPU)
-) -> DataLoaders: # fastai DataLoaders; `.patch_config`, `.pre_patch_tfms`, `.n_channels`, `.n_classes`
-    "Whole-volume fastai DataLoaders for `topk_learner`."
-    images, labels = list(images), list(labels)
-    n = len(images)
-    if n < 2: raise ValueError(f"volume_dataloaders needs at least 2 cases (one to validate); got {n}")
-    if valid_idx is None:
-        perm = np.random.default_rng(seed).permutation(n)
-        valid_idx = sorted(perm[:max(1, int(round(n * valid_pct)))].tolist())
-    valid_idx = set(int(i) for i in valid_idx)
-    tr = [i for i in range(n) if i not in valid_idx]
-    va = sorted(valid_idx)
-    tds = VolumeDataset([images[i] for i in tr], [labels[i] for i in tr], config, pre_tfms)
-    vds = VolumeDataset([images[i] for i in va], [labels[i] for i in va], config, pre_tfms)
-    dls = DataLoaders(DataLoader(tds, bs=bs, shuffle=True, drop_last=False, create_batch=_pad_collate, seed=seed),
-                      DataLoader(vds, bs=bs, shuffle=False, create_batch=_pad_collate), device=device or 'cpu')
-    dls.patch_config, dls.pre_patch_tfms = config, pre_tfms
-    dls.n_channels = tds[0][0].shape[0]
-    dls.n_classes = int(max(max(int(y.max()) for _, y in ds.items) for ds in (tds, vds))) + 1
-    dls.n_inp = 1
-    return dls
 
 # %% ../nbs/16_topk.ipynb #f6eb33a3
 @delegates(Learner)
