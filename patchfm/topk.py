@@ -297,7 +297,7 @@ class TopKSegmenter(nn.Module):
         if exclude is not None: r = r.scatter(-1, exclude, -1.)
         return r.topk(k, -1).indices
 
-    def select(self, scores, fg_cells, gup, xp_shape, k=None, strategy=None, generator=None) -> list:
+    def select(self, scores, fg_cells, gup, xp_shape, k=None, strategy=None, generator=None, starts=None) -> list:
         "Indices of the candidates to run for each volume (evaluation; no gradient)."
         strategy, k = strategy or self.strategy, self.k if k is None else k
         N = scores.shape[-1]
@@ -308,7 +308,7 @@ class TopKSegmenter(nn.Module):
         if strategy == 'random': return list(self._random_fg(fg_cells, k, generator=generator).cpu())
         if strategy != 'topk': raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
         if not self.spread: return list(scores.topk(k, -1).indices.cpu())
-        starts = patch_grid(xp_shape, self.patch_size, self.overlap)
+        if starts is None: starts = patch_grid(xp_shape, self.patch_size, self.overlap)  # the forward pass hands its own
         return [suppressed_topk(s, starts, self.patch_size, k) for s in scores.detach().cpu()]
 
     def _local(self, patches, gpatch):
@@ -341,7 +341,7 @@ class TopKSegmenter(nn.Module):
                 out.append(PatchBlender(gup[b], self.window).add(pl, st).result())
                 sel_idx.append(idx[b].cpu()); patch_logits.append(pl)
         else:
-            for b, ix in enumerate(self.select(scores, fg_cells, gup, tuple(xp.shape[2:]))):
+            for b, ix in enumerate(self.select(scores, fg_cells, gup, tuple(xp.shape[2:]), starts=starts)):
                 bl, pls = PatchBlender(gup[b], self.window), []
                 for chunk in even_chunks(ix, self.eval_batch_size):
                     st = starts[chunk]
